@@ -1,0 +1,10 @@
+FROM python:3.11-slim
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY orchestrator ./orchestrator
+COPY workers ./workers
+COPY schemas ./schemas
+RUN pip install --no-cache-dir .
+USER nobody
+ENTRYPOINT ["orchestrator"]
+CMD ["up"]

@@ -1,0 +1,58 @@
+"""Where every process gets its configuration: `ORCH_*` environment variables, read once."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from pydantic import AmqpDsn, Field, RedisDsn, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "ORCH_"
+_HOST_PORT = re.compile(r"^[A-Za-z0-9_.\-\[\]:]+:[0-9]{1,5}$")
+
+
+class ConfigError(Exception):
+    """Invalid configuration; the message names each bad `ORCH_*` variable."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+
+    rabbitmq_url: AmqpDsn = AmqpDsn("amqp://guest:guest@localhost:5672/")
+    rabbitmq_management_url: str = "http://guest:guest@localhost:15672/"
+    kafka_bootstrap: str = "localhost:9092"
+    redis_url: RedisDsn = RedisDsn("redis://localhost:6379/0")
+    # Every Redis key starts with this, so several deployments (or test runs) share one Redis.
+    redis_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{0,64}$")] = "orch:"
+    usage_topic: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,249}$")] = "orchestrator.usage"
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["auto", "json", "console"] = "auto"
+    # 0 disables the Prometheus endpoint.
+    metrics_port: Annotated[int, Field(ge=0, le=65535)] = 0
+
+    @field_validator("kafka_bootstrap")
+    @classmethod
+    def _bootstrap(cls, value: str) -> str:
+        servers = [part.strip() for part in value.split(",") if part.strip()]
+        bad = [server for server in servers if not _HOST_PORT.match(server)]
+        if not servers or bad:
+            raise ValueError(f"expected host:port[,host:port...], got {value!r}")
+        return ",".join(servers)
+
+    @property
+    def kafka_servers(self) -> list[str]:
+        return self.kafka_bootstrap.split(",")
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Reads the environment now (never at import time) and explains what is wrong."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            field = str(error["loc"][0]) if error["loc"] else "?"
+            problems.append(f"{ENV_PREFIX}{field.upper()}: {error['msg']}")
+        raise ConfigError("invalid configuration: " + "; ".join(problems)) from None

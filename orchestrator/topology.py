@@ -1,0 +1,274 @@
+"""Every exchange, queue and binding of the system, and which message goes where: one place.
+
+Processes never declare ad-hoc queues; they call `apply` (idempotent) and publish with `route`.
+The AsyncAPI document is generated from this module, so the docs cannot drift from the broker.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aio_pika.abc import AbstractChannel, AbstractQueue, ExchangeType
+
+from schemas import (
+    ExecutionRequested,
+    FlowStartRequested,
+    Message,
+    PenaltyCommand,
+    QuarantineCommand,
+    ReleaseCommand,
+    StatusEvent,
+    StepResult,
+    StepTask,
+)
+
+COMMANDS = "orchestrator.commands"
+STEPS = "orchestrator.steps"
+WORK = "orchestrator.work"
+STATUS = "orchestrator.status"
+CONTROL = "orchestrator.control"
+DEAD_LETTERS = "orchestrator.dlx"
+
+# A message redelivered this often (its consumer crashed or nacked it each time) is a poison
+# message: the broker dead-letters it instead of looping forever. RabbitMQ 4 would default to
+# 20; five attempts already rule out a transient failure.
+DELIVERY_LIMIT = 5
+
+# Per-tenant fair queue bound: a flooding tenant gets publisher back-pressure (reject-publish)
+# instead of growing the broker's memory. The engine keeps the steps it could not enqueue.
+TENANT_QUEUE_MAX_LENGTH = 10_000
+
+DLQ_SUFFIX = ".dlq"
+
+
+@dataclass(frozen=True)
+class Exchange:
+    name: str
+    kind: ExchangeType
+    description: str
+
+
+@dataclass(frozen=True)
+class Queue:
+    name: str
+    description: str
+    consumer: str
+    max_length: int | None = None
+    single_active_consumer: bool = False
+    dead_letter: bool = True  # False only for the DLQs themselves
+
+    @property
+    def dlq(self) -> str:
+        return self.name + DLQ_SUFFIX
+
+    def arguments(self) -> dict[str, Any]:
+        args: dict[str, Any] = {"x-queue-type": "quorum"}
+        if self.dead_letter:
+            args.update(
+                {
+                    "x-dead-letter-exchange": DEAD_LETTERS,
+                    "x-dead-letter-routing-key": self.name,
+                    "x-delivery-limit": DELIVERY_LIMIT,
+                    # at-least-once dead-lettering: the broker keeps a dead-lettered message
+                    # until the DLQ confirms it, so a poison message is never dropped on the
+                    # floor. It requires reject-publish overflow.
+                    "x-dead-letter-strategy": "at-least-once",
+                    "x-overflow": "reject-publish",
+                }
+            )
+        if self.max_length is not None:
+            args["x-max-length"] = self.max_length
+            args["x-overflow"] = "reject-publish"
+        if self.single_active_consumer:
+            args["x-single-active-consumer"] = True
+        return args
+
+
+@dataclass(frozen=True)
+class Binding:
+    exchange: str
+    queue: str
+    routing_key: str
+    messages: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Topology:
+    exchanges: tuple[Exchange, ...]
+    queues: tuple[Queue, ...]
+    bindings: tuple[Binding, ...]
+
+    def queue(self, name: str) -> Queue:
+        for queue in self.queues:
+            if queue.name == name:
+                return queue
+        raise KeyError(name)
+
+
+EXCHANGES = (
+    Exchange(
+        COMMANDS, ExchangeType.TOPIC, "Requests into the system: flow starts, executions, results."
+    ),
+    Exchange(
+        STEPS,
+        ExchangeType.DIRECT,
+        "Step tasks by tenant, into the per-tenant fair queues fq.<tenant>.",
+    ),
+    Exchange(WORK, ExchangeType.DIRECT, "Step tasks released by the dispatcher, by worker pool."),
+    Exchange(
+        STATUS,
+        ExchangeType.TOPIC,
+        "Status events (CloudEvents), key <tenant>.<flow>.<entity>.<state>.",
+    ),
+    Exchange(
+        CONTROL,
+        ExchangeType.TOPIC,
+        "Penalty, quarantine and release commands, key <kind>.<tenant>.",
+    ),
+    Exchange(DEAD_LETTERS, ExchangeType.DIRECT, "Dead letters, keyed by the queue they came from."),
+)
+
+FLOW_START_QUEUE = "scheduler.flow-start"
+EXECUTIONS_QUEUE = "engine.executions"
+RESULTS_QUEUE = "engine.results"
+CONTROL_QUEUE = "control.commands"
+DEFAULT_POOL = "default"
+
+
+def work_queue_name(pool: str) -> str:
+    return f"work.{pool}"
+
+
+def tenant_queue_name(tenant: str) -> str:
+    return f"fq.{tenant}"
+
+
+def tenant_queue(tenant: str) -> Queue:
+    """The fair queue of one tenant; declared when the tenant first appears."""
+    return Queue(
+        tenant_queue_name(tenant),
+        f"Steps of tenant {tenant} waiting for the dispatcher.",
+        consumer="dispatcher",
+        max_length=TENANT_QUEUE_MAX_LENGTH,
+    )
+
+
+def build_topology(pools: tuple[str, ...] = (DEFAULT_POOL,)) -> Topology:
+    queues = [
+        Queue(FLOW_START_QUEUE, "Flow-start requests from other services.", consumer="scheduler"),
+        Queue(EXECUTIONS_QUEUE, "Admitted executions for the engine.", consumer="engine"),
+        Queue(RESULTS_QUEUE, "Step results from workers.", consumer="engine"),
+        Queue(
+            CONTROL_QUEUE,
+            "Control commands, applied to the tenant state in Redis.",
+            consumer="dispatcher",
+        ),
+        *(
+            Queue(
+                work_queue_name(pool), f"Step tasks for workers of pool {pool}.", consumer="worker"
+            )
+            for pool in pools
+        ),
+    ]
+    bindings = [
+        Binding(COMMANDS, FLOW_START_QUEUE, "flow.start", (FlowStartRequested.message_type,)),
+        Binding(
+            COMMANDS, EXECUTIONS_QUEUE, "execution.requested", (ExecutionRequested.message_type,)
+        ),
+        Binding(COMMANDS, RESULTS_QUEUE, "step.result", (StepResult.message_type,)),
+        Binding(
+            CONTROL,
+            CONTROL_QUEUE,
+            "#",
+            tuple(m.message_type for m in (PenaltyCommand, QuarantineCommand, ReleaseCommand)),
+        ),
+        *(Binding(WORK, work_queue_name(pool), pool, (StepTask.message_type,)) for pool in pools),
+    ]
+    dlqs = [
+        Queue(q.dlq, f"Dead letters of {q.name}.", consumer="operator", dead_letter=False)
+        for q in queues
+    ]
+    dlq_bindings = [Binding(DEAD_LETTERS, q.dlq, q.name, ()) for q in queues]
+    return Topology(EXCHANGES, tuple(queues + dlqs), tuple(bindings + dlq_bindings))
+
+
+TOPOLOGY = build_topology()
+
+
+# ---------------------------------------------------------------- routing of published messages
+@dataclass(frozen=True)
+class Route:
+    exchange: str
+    address: str  # the routing key as documented, `{name}` marks a parameter
+    routing_key: Callable[[Any], str]
+    publisher: str
+    mandatory: bool = True  # a message nobody receives is a bug, except where noted
+
+
+ROUTES: dict[type[Message], Route] = {
+    FlowStartRequested: Route(COMMANDS, "flow.start", lambda m: "flow.start", "other services"),
+    ExecutionRequested: Route(
+        COMMANDS, "execution.requested", lambda m: "execution.requested", "scheduler"
+    ),
+    StepResult: Route(COMMANDS, "step.result", lambda m: "step.result", "worker"),
+    StepTask: Route(WORK, "{pool}", lambda m: m.pool, "engine"),
+    # Status events are a broadcast: no subscriber is a normal situation, not a lost message.
+    StatusEvent: Route(
+        STATUS,
+        "{tenant}.{flow}.{entity}.{state}",
+        lambda m: m.routing_key,
+        "engine",
+        mandatory=False,
+    ),
+    PenaltyCommand: Route(
+        CONTROL, "penalty.{tenant}", lambda m: f"penalty.{m.tenant}", "violations"
+    ),
+    QuarantineCommand: Route(
+        CONTROL, "quarantine.{tenant}", lambda m: f"quarantine.{m.tenant}", "violations"
+    ),
+    ReleaseCommand: Route(
+        CONTROL, "release.{tenant}", lambda m: f"release.{m.tenant}", "violations"
+    ),
+}
+
+
+def route(message: Message) -> tuple[str, str, bool]:
+    """(exchange, routing key, mandatory) for a message."""
+    spec = ROUTES[type(message)]
+    return spec.exchange, spec.routing_key(message), spec.mandatory
+
+
+async def apply(channel: AbstractChannel, topology: Topology = TOPOLOGY) -> list[str]:
+    """Declares everything, idempotently. Returns one line per declared object."""
+    declared: list[str] = []
+    for exchange in topology.exchanges:
+        await channel.declare_exchange(exchange.name, exchange.kind, durable=True)
+        declared.append(f"exchange {exchange.name} ({exchange.kind.value})")
+    queues: dict[str, AbstractQueue] = {}
+    for queue in topology.queues:
+        queues[queue.name] = await declare_queue(channel, queue)
+        declared.append(f"queue    {queue.name} {_describe_args(queue.arguments())}")
+    for binding in topology.bindings:
+        await queues[binding.queue].bind(binding.exchange, routing_key=binding.routing_key)
+        declared.append(f"binding  {binding.exchange} --{binding.routing_key}--> {binding.queue}")
+    return declared
+
+
+async def declare_queue(channel: AbstractChannel, queue: Queue) -> AbstractQueue:
+    return await channel.declare_queue(queue.name, durable=True, arguments=queue.arguments())
+
+
+async def declare_tenant_queue(channel: AbstractChannel, tenant: str) -> None:
+    """Declares fq.<tenant> with its DLQ and binds it; safe to call again."""
+    queue = tenant_queue(tenant)
+    dlq = await declare_queue(channel, Queue(queue.dlq, "", consumer="operator", dead_letter=False))
+    await dlq.bind(DEAD_LETTERS, routing_key=queue.name)
+    declared = await declare_queue(channel, queue)
+    await declared.bind(STEPS, routing_key=tenant)
+
+
+def _describe_args(args: dict[str, Any]) -> str:
+    short = {k.removeprefix("x-"): v for k, v in args.items()}
+    return " ".join(f"{k}={v}" for k, v in short.items())

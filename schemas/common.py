@@ -1,0 +1,86 @@
+"""Building blocks every contract shares: the base model, identifiers, bounded JSON payloads."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    JsonValue,
+    StringConstraints,
+)
+
+SCHEMA_VERSION = 1
+
+# Tenant, flow and step ids become words of AMQP routing keys (`<tenant>.<flow>.<entity>.<state>`)
+# and parts of queue names (`fq.<tenant>`), so they may not contain dots or wildcards. Lower
+# case only, so two ids never differ by case alone.
+SLUG_PATTERN = r"^[a-z0-9](?:[a-z0-9_-]{0,62}[a-z0-9])?$"
+Slug = Annotated[str, StringConstraints(pattern=SLUG_PATTERN)]
+TenantId = Annotated[str, StringConstraints(pattern=SLUG_PATTERN), Field(examples=["acme"])]
+FlowId = Annotated[str, StringConstraints(pattern=SLUG_PATTERN), Field(examples=["daily-sync"])]
+StepId = Annotated[str, StringConstraints(pattern=SLUG_PATTERN), Field(examples=["fetch"])]
+
+# Step types are names of handlers (`http.request`), never routing-key words, so dots are fine.
+StepType = Annotated[
+    str,
+    StringConstraints(pattern=r"^[a-z0-9][a-z0-9_.-]{0,126}[a-z0-9]$"),
+    Field(examples=["http.request"]),
+]
+
+# Message ids are opaque to consumers, but bounded, printable and without whitespace so they
+# survive as AMQP properties, Redis keys and log fields.
+MessageId = Annotated[str, StringConstraints(pattern=r"^[\x21-\x7e]{1,256}$")]
+ShortText = Annotated[str, StringConstraints(max_length=1024)]
+Name = Annotated[str, StringConstraints(min_length=1, max_length=200)]
+
+# A payload (flow input, step output) is bounded so one tenant cannot fill the broker's memory
+# or a Redis value with a single message. Big data belongs in object storage, passed by reference.
+MAX_PAYLOAD_BYTES = 256 * 1024
+
+
+def _bounded_json(value: dict[str, JsonValue]) -> dict[str, JsonValue]:
+    size = len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode())
+    if size > MAX_PAYLOAD_BYTES:
+        raise ValueError(f"payload is {size} bytes, the limit is {MAX_PAYLOAD_BYTES}")
+    return value
+
+
+Payload = Annotated[dict[str, JsonValue], AfterValidator(_bounded_json)]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Contract(BaseModel):
+    """Strict base for every model on the wire or in a file: unknown fields are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, str_max_length=64 * 1024)
+
+
+class Message(Contract):
+    """A message on a broker. `message_type` names it in the AMQP `type` property."""
+
+    message_type: ClassVar[str]
+    schema_version: Literal[1] = 1  # SCHEMA_VERSION; bump both together
+
+    def message_id(self) -> str:
+        """The stable id consumers deduplicate on (AMQP `message_id`, Kafka key suffix)."""
+        raise NotImplementedError
+
+    def to_bytes(self) -> bytes:
+        return self.model_dump_json(exclude_none=False).encode()
+
+    @classmethod
+    def from_bytes(cls, body: bytes | str) -> Any:
+        return cls.model_validate_json(body)
+
+
+Timestamp = AwareDatetime

@@ -1,0 +1,169 @@
+"""Real brokers for the tests: RabbitMQ, Kafka and Redis.
+
+Where the brokers come from, in order:
+1. `ORCH_*` URLs in the environment (what `scripts/infra env` prints, and what CI sets);
+2. testcontainers, when a Docker engine answers;
+3. nothing: integration tests are skipped, except with CI=true, where that is an error.
+
+Each test session gets its own RabbitMQ virtual host and Redis key prefix, so runs never see
+each other's queues or keys; Kafka tests use topics with unique names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import urllib.parse
+import urllib.request
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+
+import pytest
+import pytest_asyncio
+
+from orchestrator.config import Settings
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+@dataclass(frozen=True)
+class BrokerUrls:
+    rabbitmq: str
+    management: str
+    kafka: str
+    redis: str
+
+
+def _docker_engine() -> bool:
+    if shutil.which("docker") is None:
+        return False
+    return subprocess.run(["docker", "info"], capture_output=True, check=False).returncode == 0
+
+
+def _unavailable(reason: str) -> None:
+    if IN_CI:
+        pytest.fail(f"broker unavailable in CI (CI=true makes this an error): {reason}")
+    pytest.skip(f"no brokers: {reason} (run `scripts/infra up` and export `scripts/infra env`)")
+
+
+@pytest.fixture(scope="session")
+def broker_urls() -> Iterator[BrokerUrls]:
+    if os.environ.get("ORCH_RABBITMQ_URL"):
+        yield BrokerUrls(
+            rabbitmq=os.environ["ORCH_RABBITMQ_URL"],
+            management=os.environ.get(
+                "ORCH_RABBITMQ_MANAGEMENT_URL", "http://guest:guest@127.0.0.1:15672/"
+            ),
+            kafka=os.environ.get("ORCH_KAFKA_BOOTSTRAP", "127.0.0.1:9092"),
+            redis=os.environ.get("ORCH_REDIS_URL", "redis://127.0.0.1:6379/0"),
+        )
+        return
+    if not _docker_engine():
+        _unavailable("ORCH_RABBITMQ_URL is not set and no Docker engine answers")
+    from testcontainers.kafka import KafkaContainer
+    from testcontainers.rabbitmq import RabbitMqContainer
+    from testcontainers.redis import RedisContainer
+
+    with (
+        RabbitMqContainer("rabbitmq:3.13-management").with_exposed_ports(15672) as rabbit,
+        KafkaContainer("confluentinc/cp-kafka:7.9.0").with_kraft() as kafka,
+        RedisContainer("redis:7") as redis_container,
+    ):
+        host = rabbit.get_container_host_ip()
+        yield BrokerUrls(
+            rabbitmq=f"amqp://guest:guest@{host}:{rabbit.get_exposed_port(5672)}/",
+            management=f"http://guest:guest@{host}:{rabbit.get_exposed_port(15672)}/",
+            kafka=kafka.get_bootstrap_server(),
+            redis=f"redis://{redis_container.get_container_host_ip()}:"
+            f"{redis_container.get_exposed_port(6379)}/0",
+        )
+
+
+class Management:
+    """A small client of the RabbitMQ management HTTP API (stdlib only)."""
+
+    def __init__(self, base_url: str) -> None:
+        parsed = urllib.parse.urlsplit(base_url)
+        self.base = f"{parsed.scheme}://{parsed.hostname}:{parsed.port or 15672}/api"
+        manager = urllib.request.HTTPPasswordMgrWithDefaultRealm()
+        manager.add_password(
+            None, self.base, parsed.username or "guest", parsed.password or "guest"
+        )
+        self.opener = urllib.request.build_opener(urllib.request.HTTPBasicAuthHandler(manager))
+
+    def request(self, method: str, path: str, body: object | None = None) -> object:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(
+            self.base + path,
+            data=data,
+            method=method,
+            headers={"content-type": "application/json"},
+        )
+        with self.opener.open(req, timeout=30) as response:
+            text = response.read()
+        return json.loads(text) if text else None
+
+    def queue(self, vhost: str, name: str) -> dict[str, object]:
+        path = f"/queues/{urllib.parse.quote(vhost, safe='')}/{urllib.parse.quote(name, safe='')}"
+        result = self.request("GET", path)
+        assert isinstance(result, dict)
+        return result
+
+
+@pytest.fixture(scope="session")
+def management(broker_urls: BrokerUrls) -> Management:
+    return Management(broker_urls.management)
+
+
+@pytest.fixture(scope="session")
+def vhost(broker_urls: BrokerUrls, management: Management) -> Iterator[str]:
+    name = f"test-{uuid.uuid4().hex[:10]}"
+    quoted = urllib.parse.quote(name, safe="")
+    try:
+        management.request("PUT", f"/vhosts/{quoted}", {})
+    except OSError as exc:
+        _unavailable(f"RabbitMQ management API at {management.base}: {exc}")
+    user = urllib.parse.urlsplit(broker_urls.rabbitmq).username or "guest"
+    management.request(
+        "PUT", f"/permissions/{quoted}/{user}", {"configure": ".*", "write": ".*", "read": ".*"}
+    )
+    yield name
+    management.request("DELETE", f"/vhosts/{quoted}")
+
+
+@pytest.fixture(scope="session")
+def settings(broker_urls: BrokerUrls, vhost: str) -> Settings:
+    base = broker_urls.rabbitmq.rstrip("/")
+    if base.count("/") > 2:  # drop a vhost in the given URL: this session has its own
+        base = base.rsplit("/", 1)[0]
+    return Settings(
+        rabbitmq_url=f"{base}/{vhost}",  # type: ignore[arg-type]
+        rabbitmq_management_url=broker_urls.management,
+        kafka_bootstrap=broker_urls.kafka,
+        redis_url=broker_urls.redis,  # type: ignore[arg-type]
+        redis_prefix=f"test:{vhost}:",
+    )
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def redis_client(settings: Settings) -> AsyncIterator[object]:
+    import redis.asyncio as aioredis
+
+    client = aioredis.from_url(str(settings.redis_url), decode_responses=True)
+    try:
+        await client.ping()
+    except OSError as exc:
+        _unavailable(f"Redis at {settings.redis_url}: {exc}")
+    yield client
+    async for key in client.scan_iter(match=f"{settings.redis_prefix}*"):
+        await client.delete(key)
+    await client.aclose()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "/integration/" in str(item.fspath) or "/e2e/" in str(item.fspath):
+            item.add_marker(pytest.mark.integration)

@@ -1,0 +1,1 @@
+"""Worker runtime: step handlers, concurrency, heartbeats, usage measurement (issue: engine)."""
