@@ -1,0 +1,118 @@
+"""When a cron schedule fires, as UTC instants, with one documented rule for daylight saving.
+
+croniter's own timezone code gets DST wrong in the version faust-streaming pins (5.0.1), so
+croniter only ever sees *naive local wall-clock* times here; turning those into instants is
+done with zoneinfo under the rule Debian's cron(8) users know (and `cronsim` implements):
+
+* **Fixed-time schedules** — neither the minute nor the hour field starts with `*`
+  (`30 2 * * *`, `0 9-17 * * 1-5`): a time that falls into a spring-forward gap runs at the
+  moment of the jump (a daily job never silently loses a day; several gap times run once); a
+  time inside a repeated hour runs once, at its first occurrence.
+* **Interval schedules** — the minute or the hour field starts with `*` (`*/15 * * * *`,
+  `0 */2 * * *`): they keep their real-time rhythm. Every real instant whose local wall-clock
+  time matches fires: nothing fires inside a gap, and a repeated hour fires twice.
+
+Six-field expressions carry seconds as the last field (croniter's convention).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
+
+from croniter import croniter
+
+ALIASES = {
+    "@yearly": "0 0 1 1 *",
+    "@annually": "0 0 1 1 *",
+    "@monthly": "0 0 1 * *",
+    "@weekly": "0 0 * * 0",
+    "@daily": "0 0 * * *",
+    "@midnight": "0 0 * * *",
+    "@hourly": "0 * * * *",
+}
+# Longest DST shift in the tz database (Antarctica/Troll: 2 h); bounds every look-back.
+MAX_SHIFT = timedelta(hours=2)
+# Candidates examined per call before giving up (e.g. `0 0 30 2 *` never fires).
+MAX_SCAN = 10_000
+ONE_SECOND = timedelta(seconds=1)
+ONE_MINUTE = timedelta(minutes=1)
+
+
+def _is_real(naive: datetime, tz: ZoneInfo) -> bool:
+    aware = naive.replace(tzinfo=tz)
+    return aware.astimezone(UTC).astimezone(tz).replace(tzinfo=None) == naive
+
+
+def _is_repeated(naive: datetime, tz: ZoneInfo) -> bool:
+    first = naive.replace(tzinfo=tz, fold=0)
+    second = naive.replace(tzinfo=tz, fold=1)
+    return first.utcoffset() != second.utcoffset() and _is_real(naive, tz)
+
+
+@dataclass(frozen=True)
+class CronSchedule:
+    expression: str
+    timezone: str = "UTC"
+    tz: ZoneInfo = field(init=False, repr=False, compare=False)
+    fixed_time: bool = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        expanded = ALIASES.get(self.expression.strip(), self.expression)
+        fields = expanded.split()
+        object.__setattr__(self, "tz", ZoneInfo(self.timezone))
+        object.__setattr__(
+            self, "fixed_time", not fields[0].startswith("*") and not fields[1].startswith("*")
+        )
+        object.__setattr__(self, "expression", expanded)
+
+    def _instants(self, naive: datetime) -> list[datetime]:
+        """The instants one local wall-clock candidate stands for, under the rule above."""
+        tz = self.tz
+        if self.fixed_time:
+            while not _is_real(naive, tz):  # in a gap: run at the jump
+                naive = naive.replace(second=0) + ONE_MINUTE
+            return [naive.replace(tzinfo=tz, fold=0).astimezone(UTC)]
+        if not _is_real(naive, tz):
+            return []
+        first = naive.replace(tzinfo=tz, fold=0).astimezone(UTC)
+        second = naive.replace(tzinfo=tz, fold=1).astimezone(UTC)
+        return [first] if first == second else [first, second]
+
+    def next_after(self, after: datetime) -> datetime | None:
+        """The first fire instant strictly after `after` (aware), in UTC; None if it never fires."""
+        local = after.astimezone(self.tz)
+        start = local.replace(tzinfo=None, microsecond=0)
+        if not self.fixed_time and local.fold == 0 and _is_repeated(start, self.tz):
+            # In the first pass of a repeated hour, the second pass of *earlier* wall-clock
+            # times may still be ahead of us: start the scan before the repeated hour.
+            start -= MAX_SHIFT
+        candidates = croniter(self.expression, start - ONE_SECOND)
+        best: datetime | None = None
+        for _ in range(MAX_SCAN):
+            try:
+                naive = candidates.get_next(datetime)
+            except (StopIteration, ValueError, KeyError):  # croniter's "no such date"
+                break
+            instants = self._instants(naive)
+            if not instants:
+                continue
+            if best is not None and instants[0] >= best:
+                break
+            for instant in instants:
+                if instant > after and (best is None or instant < best):
+                    best = instant
+        return best
+
+    def fires_between(self, start: datetime, end: datetime, limit: int) -> list[datetime]:
+        """Fire instants in (start, end], at most `limit` of them (the earliest)."""
+        out: list[datetime] = []
+        cursor = start
+        while len(out) < limit:
+            nxt = self.next_after(cursor)
+            if nxt is None or nxt > end:
+                break
+            out.append(nxt)
+            cursor = nxt
+        return out
