@@ -3,18 +3,29 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import uuid
 from enum import IntEnum
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Any
 
+import redis.asyncio as aioredis
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from orchestrator import apidoc, topology
-from orchestrator.amqp import connect, open_channel
+from orchestrator import apidoc, store, topology
+from orchestrator.amqp import connect, open_channel, publish
+from orchestrator.clock import SystemClock, from_ms
 from orchestrator.config import ConfigError, Settings, load_settings
+from orchestrator.flowfiles import FlowFileError, load_flow_files
 from orchestrator.health import check_all
-from orchestrator.telemetry import configure_logging
+from orchestrator.runtime import run_until_signalled
+from orchestrator.scheduler.service import Scheduler
+from orchestrator.store.admission import AdmissionStore
+from orchestrator.store.flows import FlowRegistry
+from orchestrator.telemetry import configure_logging, start_metrics_server
+from schemas import FlowStartRequested
 
 
 class ExitCode(IntEnum):
@@ -29,8 +40,10 @@ app = typer.Typer(
 )
 topology_app = typer.Typer(help="RabbitMQ exchanges, queues and bindings.", no_args_is_help=True)
 schemas_app = typer.Typer(help="Message contracts (JSON Schema, AsyncAPI).", no_args_is_help=True)
+flows_app = typer.Typer(help="Register and operate flows.", no_args_is_help=True)
 app.add_typer(topology_app, name="topology")
 app.add_typer(schemas_app, name="schemas")
+app.add_typer(flows_app, name="flows")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -119,6 +132,194 @@ def schemas_export(
         return
     for path in apidoc.export():
         typer.echo(f"wrote {path}")
+
+
+# ---------------------------------------------------------------- processes
+@app.command()
+def scheduler(
+    ingress: Annotated[
+        bool, typer.Option(help="also consume flow-start requests from other services")
+    ] = True,
+) -> None:
+    """Runs a scheduler replica (run several: each tick still fires once)."""
+
+    settings = settings_or_exit()
+    start_metrics_server(settings.metrics_port)
+
+    async def main(stop: asyncio.Event) -> None:
+        redis = store.connect(settings)
+        connection = await connect(settings, "orchestrator-scheduler")
+        try:
+            await Scheduler(settings, redis, connection).run(stop, ingress=ingress)
+        finally:
+            await connection.close()
+            await redis.aclose()
+
+    asyncio.run(run_until_signalled(main))
+
+
+# ---------------------------------------------------------------- flows
+def _flow_ref(ref: str) -> tuple[str, str]:
+    tenant, sep, flow_id = ref.partition("/")
+    if not sep or not tenant or not flow_id:
+        err_console.print(f"[red]error:[/red] expected TENANT/FLOW, got {ref!r}")
+        raise typer.Exit(ExitCode.USAGE)
+    return tenant, flow_id
+
+
+async def _with_registry(settings: Settings, action: Any) -> Any:
+    redis: aioredis.Redis = store.connect(settings)
+    try:
+        return await action(FlowRegistry(redis, store.Keys(settings.redis_prefix)), redis)
+    finally:
+        await redis.aclose()
+
+
+@flows_app.command("apply")
+def flows_apply(files: Annotated[list[Path], typer.Argument(help="YAML or JSON files")]) -> None:
+    """Validates every flow in FILES, then registers all of them at once (or none)."""
+    settings = settings_or_exit()
+    try:
+        definitions = load_flow_files(files)
+    except FlowFileError as exc:
+        for problem in exc.problems:
+            err_console.print(f"[red]error:[/red] {problem}", highlight=False, soft_wrap=True)
+        err_console.print("nothing was applied")
+        raise typer.Exit(ExitCode.USAGE) from None
+
+    async def action(registry: FlowRegistry, _: aioredis.Redis) -> Any:
+        return await registry.apply(definitions, SystemClock().now())
+
+    try:
+        results = asyncio.run(_with_registry(settings, action))
+    except ValueError as exc:
+        err_console.print(f"[red]error:[/red] {exc}; nothing was applied")
+        raise typer.Exit(ExitCode.USAGE) from None
+    for result in results:
+        typer.echo(f"{result.tenant}/{result.flow_id}: {result.outcome}")
+
+
+@flows_app.command("list")
+def flows_list(tenant: Annotated[str | None, typer.Option(help="only this tenant")] = None) -> None:
+    """Every registered flow with its schedule and next fire time."""
+    settings = settings_or_exit()
+
+    async def action(registry: FlowRegistry, _: aioredis.Redis) -> Any:
+        flows = await registry.list(tenant)
+        return [(f, await registry.next_fire(f.tenant, f.id)) for f in flows]
+
+    table = Table("flow", "cron", "timezone", "overlap", "paused", "next fire (UTC)")
+    for definition, next_ms in asyncio.run(_with_registry(settings, action)):
+        table.add_row(
+            f"{definition.tenant}/{definition.id}",
+            definition.cron or "-",
+            definition.timezone,
+            definition.overlap.value,
+            "yes" if definition.paused else "no",
+            from_ms(next_ms).isoformat() if next_ms else "-",
+        )
+    console.print(table)
+
+
+@flows_app.command("show")
+def flows_show(flow: Annotated[str, typer.Argument(help="TENANT/FLOW")]) -> None:
+    """The flow's definition, next fire time and running execution, as JSON."""
+    settings = settings_or_exit()
+    tenant, flow_id = _flow_ref(flow)
+
+    async def action(registry: FlowRegistry, redis: aioredis.Redis) -> Any:
+        definition = await registry.get(tenant, flow_id)
+        if definition is None:
+            return None
+        admission = AdmissionStore(redis, registry.keys)
+        running = await admission.running(store.member(tenant, flow_id))
+        return definition, await registry.next_fire(tenant, flow_id), running
+
+    found = asyncio.run(_with_registry(settings, action))
+    if found is None:
+        err_console.print(f"[red]error:[/red] no flow {flow}")
+        raise typer.Exit(ExitCode.FAILURE)
+    definition, next_ms, running = found
+    document = {
+        "definition": definition.model_dump(mode="json"),
+        "next_fire": from_ms(next_ms).isoformat() if next_ms else None,
+        "running_execution": running,
+    }
+    typer.echo(json.dumps(document, indent=2))
+
+
+def _set_paused(flow: str, paused: bool) -> None:
+    settings = settings_or_exit()
+    tenant, flow_id = _flow_ref(flow)
+
+    async def action(registry: FlowRegistry, _: aioredis.Redis) -> Any:
+        return await registry.set_paused(tenant, flow_id, paused)
+
+    if not asyncio.run(_with_registry(settings, action)):
+        err_console.print(f"[red]error:[/red] no flow {flow}")
+        raise typer.Exit(ExitCode.FAILURE)
+    typer.echo(f"{flow}: {'paused' if paused else 'resumed'}")
+
+
+@flows_app.command("pause")
+def flows_pause(flow: Annotated[str, typer.Argument(help="TENANT/FLOW")]) -> None:
+    """Ticks of a paused flow are skipped (and reported) until it is resumed."""
+    _set_paused(flow, True)
+
+
+@flows_app.command("resume")
+def flows_resume(flow: Annotated[str, typer.Argument(help="TENANT/FLOW")]) -> None:
+    """Resumes a paused flow."""
+    _set_paused(flow, False)
+
+
+@flows_app.command("delete")
+def flows_delete(flow: Annotated[str, typer.Argument(help="TENANT/FLOW")]) -> None:
+    """Removes the flow and its schedule."""
+    settings = settings_or_exit()
+    tenant, flow_id = _flow_ref(flow)
+
+    async def action(registry: FlowRegistry, _: aioredis.Redis) -> Any:
+        return await registry.delete(tenant, flow_id)
+
+    if not asyncio.run(_with_registry(settings, action)):
+        err_console.print(f"[red]error:[/red] no flow {flow}")
+        raise typer.Exit(ExitCode.FAILURE)
+    typer.echo(f"{flow}: deleted")
+
+
+@flows_app.command("trigger")
+def flows_trigger(
+    flow: Annotated[str, typer.Argument(help="TENANT/FLOW")],
+    input_json: Annotated[
+        str, typer.Option("--input", help="JSON object merged into the input")
+    ] = "{}",
+    key: Annotated[str | None, typer.Option(help="idempotency key (default: a new one)")] = None,
+) -> None:
+    """Starts the flow now, through the same admission as every flow-start request."""
+    settings = settings_or_exit()
+    tenant, flow_id = _flow_ref(flow)
+    try:
+        payload = json.loads(input_json)
+        request = FlowStartRequested(
+            tenant=tenant,
+            flow_id=flow_id,
+            idempotency_key=key or f"manual-{uuid.uuid4()}",
+            trigger="manual",
+            input=payload,
+            requested_by="orchestrator-cli",
+        )
+    except (json.JSONDecodeError, ValueError) as exc:
+        err_console.print(f"[red]error:[/red] invalid trigger: {exc}")
+        raise typer.Exit(ExitCode.USAGE) from None
+
+    async def send() -> None:
+        connection = await connect(settings, "orchestrator-cli")
+        async with connection:
+            await publish(await open_channel(connection), request)
+
+    asyncio.run(send())
+    typer.echo(f"{flow}: start requested (idempotency key {request.idempotency_key})")
 
 
 def main() -> None:

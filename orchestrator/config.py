@@ -27,6 +27,20 @@ class Settings(BaseSettings):
     redis_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{0,64}$")] = "orch:"
     usage_topic: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,249}$")] = "orchestrator.usage"
 
+    # Scheduler. A tick later than the grace counts as missed (downtime) and goes through the
+    # flow's catch-up policy; within it, every tick fires even when the scheduler is busy.
+    misfire_grace_s: Annotated[float, Field(gt=0, le=3600)] = 10.0
+    # How long one replica may hold a due tick before another may take it over. Short, so a
+    # killed replica delays its in-flight ticks by seconds only; a publish takes milliseconds.
+    tick_claim_lease_s: Annotated[float, Field(gt=0, le=600)] = 3.0
+    scheduler_concurrency: Annotated[int, Field(ge=1, le=10_000)] = 64
+    # Overlap protection: the running lease of a flow expires this long after the engine's last
+    # heartbeat, so a crashed owner never blocks a flow forever.
+    running_lease_s: Annotated[float, Field(gt=0, le=86_400)] = 60.0
+    idempotency_ttl_s: Annotated[int, Field(ge=60, le=30 * 86_400)] = 86_400
+    # Refuse flow-start requests without an AMQP user_id (the broker-validated tenant).
+    require_auth: bool = False
+
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["auto", "json", "console"] = "auto"
     # 0 disables the Prometheus endpoint.

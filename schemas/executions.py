@@ -30,6 +30,7 @@ class FlowStartRequested(Message):
     tenant: TenantId
     flow_id: FlowId
     idempotency_key: Annotated[str, Field(min_length=1, max_length=200)]
+    trigger: Literal["request", "manual"] = "request"
     input: Payload = {}
     requested_by: Name | None = None
     requested_at: Timestamp = Field(default_factory=utcnow)

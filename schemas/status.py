@@ -29,7 +29,7 @@ NO_ID = "_"
 STATES: dict[str, tuple[str, ...]] = {
     "execution": ("started", "succeeded", "failed", "compensated"),
     "step": ("dispatched", "started", "succeeded", "failed", "retrying", "waiting", "compensated"),
-    "tick": ("fired", "skipped", "coalesced"),
+    "tick": ("fired", "skipped", "coalesced", "buffered"),
     "flow_start": ("accepted", "rejected"),
     "tenant": ("warned", "penalized", "quarantined", "released"),
     "message": ("rejected",),

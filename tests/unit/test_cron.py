@@ -30,24 +30,43 @@ def _local(instants: list[datetime], tz: str) -> list[str]:
 
 def test_berlin_spring_forward_fixed_time_runs_at_the_jump() -> None:
     fires = _fires("30 2 * * *", "Europe/Berlin", datetime(2026, 3, 28, 12, tzinfo=UTC), 3)
-    assert _local(fires, "Europe/Berlin") == ["03-29 03:00+0200", "03-30 02:30+0200", "03-31 02:30+0200"]
+    assert _local(fires, "Europe/Berlin") == [
+        "03-29 03:00+0200",
+        "03-30 02:30+0200",
+        "03-31 02:30+0200",
+    ]
 
 
 def test_berlin_fall_back_fixed_time_runs_once() -> None:
     fires = _fires("30 2 * * *", "Europe/Berlin", datetime(2026, 10, 24, 12, tzinfo=UTC), 3)
-    assert _local(fires, "Europe/Berlin") == ["10-25 02:30+0200", "10-26 02:30+0100", "10-27 02:30+0100"]
+    assert _local(fires, "Europe/Berlin") == [
+        "10-25 02:30+0200",
+        "10-26 02:30+0100",
+        "10-27 02:30+0100",
+    ]
 
 
 def test_berlin_fall_back_interval_keeps_real_time_rhythm() -> None:
     fires = _fires("*/30 * * * *", "Europe/Berlin", datetime(2026, 10, 24, 23, tzinfo=UTC), 6)
-    assert [f.strftime("%H:%M") for f in fires] == ["23:30", "00:00", "00:30", "01:00", "01:30", "02:00"]
+    assert [f.strftime("%H:%M") for f in fires] == [
+        "23:30",
+        "00:00",
+        "00:30",
+        "01:00",
+        "01:30",
+        "02:00",
+    ]
     gaps = {b - a for a, b in zip(fires, fires[1:], strict=False)}
     assert gaps == {timedelta(minutes=30)}
 
 
 def test_new_york_spring_forward_interval_skips_the_gap() -> None:
     fires = _fires("*/30 * * * *", "America/New_York", datetime(2026, 3, 8, 6, 15, tzinfo=UTC), 3)
-    assert _local(fires, "America/New_York") == ["03-08 01:30-0500", "03-08 03:00-0400", "03-08 03:30-0400"]
+    assert _local(fires, "America/New_York") == [
+        "03-08 01:30-0500",
+        "03-08 03:00-0400",
+        "03-08 03:30-0400",
+    ]
 
 
 def test_new_york_spring_forward_fixed_time_and_fall_back() -> None:
@@ -64,7 +83,9 @@ def test_lord_howe_half_hour_shift() -> None:
 
 def test_seconds_field() -> None:
     start = datetime(2026, 1, 1, tzinfo=UTC)
-    assert _fires("* * * * * */15", "UTC", start, 3) == [start + timedelta(seconds=s) for s in (15, 30, 45)]
+    assert _fires("* * * * * */15", "UTC", start, 3) == [
+        start + timedelta(seconds=s) for s in (15, 30, 45)
+    ]
 
 
 def test_never_firing_schedule_returns_none() -> None:
@@ -80,13 +101,25 @@ def test_fires_between_is_bounded() -> None:
 
 ZONES = ["Europe/Berlin", "America/New_York", "Australia/Lord_Howe", "Asia/Kolkata", "UTC"]
 EXPRESSIONS = [
-    "30 2 * * *", "0 2 * * *", "15 1 * * *", "*/15 * * * *", "0 */2 * * *", "*/7 2 * * *",
-    "0,30 2,3 * * *", "45 1-3 * * 0", "0 0 * * *", "30 * * * *", "5 4 1 * *",
+    "30 2 * * *",
+    "0 2 * * *",
+    "15 1 * * *",
+    "*/15 * * * *",
+    "0 */2 * * *",
+    "*/7 2 * * *",
+    "0,30 2,3 * * *",
+    "45 1-3 * * 0",
+    "0 0 * * *",
+    "30 * * * *",
+    "5 4 1 * *",
 ]
 TRANSITIONS = [
-    datetime(2026, 3, 8, tzinfo=UTC), datetime(2026, 3, 29, tzinfo=UTC),
-    datetime(2026, 10, 25, tzinfo=UTC), datetime(2026, 11, 1, tzinfo=UTC),
-    datetime(2026, 4, 5, tzinfo=UTC), datetime(2026, 10, 4, tzinfo=UTC),
+    datetime(2026, 3, 8, tzinfo=UTC),
+    datetime(2026, 3, 29, tzinfo=UTC),
+    datetime(2026, 10, 25, tzinfo=UTC),
+    datetime(2026, 11, 1, tzinfo=UTC),
+    datetime(2026, 4, 5, tzinfo=UTC),
+    datetime(2026, 10, 4, tzinfo=UTC),
 ]
 
 
@@ -97,7 +130,9 @@ TRANSITIONS = [
     base=st.sampled_from(TRANSITIONS),
     offset_minutes=st.integers(min_value=-36 * 60, max_value=12 * 60),
 )
-def test_agrees_with_cronsim(expression: str, zone: str, base: datetime, offset_minutes: int) -> None:
+def test_agrees_with_cronsim(
+    expression: str, zone: str, base: datetime, offset_minutes: int
+) -> None:
     start = base + timedelta(minutes=offset_minutes)
     ours = _fires(expression, zone, start, 6)
     reference = CronSim(expression, start.astimezone(ZoneInfo(zone)))

@@ -1,0 +1,473 @@
+"""The scheduler process: fires due ticks exactly once across replicas, admits flow starts."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import socket
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import redis.asyncio as aioredis
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
+from prometheus_client import Counter, Histogram
+from pydantic import ValidationError
+
+from orchestrator import topology
+from orchestrator.amqp import InvalidMessage, dead_letter, decode, open_channel, publish
+from orchestrator.clock import Clock, SystemClock, from_ms, to_ms
+from orchestrator.config import Settings
+from orchestrator.scheduler.cron import CronSchedule
+from orchestrator.scheduler.ticks import plan_ticks
+from orchestrator.store import Keys, member
+from orchestrator.store.admission import Admission, AdmissionStore, idempotency_digest
+from orchestrator.store.flows import FlowRegistry, jitter_ms
+from orchestrator.telemetry import bound_context, get_logger
+from schemas import ExecutionRequested, FlowDefinition, FlowStartRequested, StatusEvent
+
+log = get_logger(__name__)
+
+# Execution ids are UUIDv5 of the fire id: a re-fired tick or a re-sent request yields the
+# same execution id, which is what makes every admission step safe to repeat.
+EXECUTION_NAMESPACE = uuid.UUID("6f1c2d4e-8a8b-4c1e-9a43-0f5d2b7c9e11")
+# Due entries taken per round; the rest wait for the next round (no round starves: the
+# due index is ordered by fire time, so the oldest go first).
+DUE_BATCH = 1_000
+# Upper bound on one idle sleep, so newly applied flows are noticed quickly.
+MAX_IDLE_S = 0.5
+# Missed or coalesced ticks reported one by one, per round; beyond that, one summary event.
+REPORT_LIMIT = 100
+# Back-off before a flow-start request that failed on infrastructure (Redis down) is retried.
+RETRY_DELAY_S = 1.0
+FLOW_START_PREFETCH = 32
+
+TICKS = Counter("orchestrator_ticks_total", "Cron ticks by outcome", ["outcome"])
+LATENESS = Histogram(
+    "orchestrator_tick_lateness_seconds",
+    "Publish time minus nominal fire time of fired ticks",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+FLOW_STARTS = Counter(
+    "orchestrator_flow_starts_total", "Flow-start requests by outcome", ["outcome"]
+)
+
+
+def iso_ms(when: datetime) -> str:
+    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{when.microsecond // 1000:03d}Z"
+
+
+def cron_fire_id(tenant: str, flow_id: str, nominal: datetime) -> str:
+    return f"{tenant}/{flow_id}@{iso_ms(nominal)}"
+
+
+def request_fire_id(tenant: str, flow_id: str, idempotency_key: str) -> str:
+    return f"{tenant}/{flow_id}#{idempotency_digest(idempotency_key)}"
+
+
+def execution_id_for(fire_id: str) -> str:
+    return str(uuid.uuid5(EXECUTION_NAMESPACE, fire_id))
+
+
+class Scheduler:
+    def __init__(
+        self,
+        settings: Settings,
+        redis: aioredis.Redis,
+        connection: AbstractRobustConnection,
+        clock: Clock | None = None,
+        replica: str | None = None,
+    ) -> None:
+        self.settings = settings
+        self.redis = redis
+        self.connection = connection
+        self.clock: Clock = clock or SystemClock()
+        self.replica = replica or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.keys = Keys(settings.redis_prefix)
+        self.flows = FlowRegistry(redis, self.keys)
+        self.admission = AdmissionStore(redis, self.keys)
+        self.claim_ms = int(settings.tick_claim_lease_s * 1000)
+        self.lease_ms = int(settings.running_lease_s * 1000)
+        self.grace = timedelta(seconds=settings.misfire_grace_s)
+        self._slots = asyncio.Semaphore(settings.scheduler_concurrency)
+        self._schedules: dict[tuple[str, str], CronSchedule] = {}
+        self._channel: AbstractChannel | None = None
+        self._inflight: set[asyncio.Task[None]] = set()
+
+    async def channel(self) -> AbstractChannel:
+        if self._channel is None or self._channel.is_closed:
+            self._channel = await open_channel(self.connection, prefetch=FLOW_START_PREFETCH)
+        return self._channel
+
+    # ------------------------------------------------------------------ process
+    async def run(self, stop: asyncio.Event, ingress: bool = True) -> None:
+        """Fires ticks (and consumes flow-start requests) until `stop` is set."""
+        channel = await self.channel()
+        await topology.apply(channel)
+        consumer_tag = None
+        queue = None
+        if ingress:
+            queue = await channel.get_queue(topology.FLOW_START_QUEUE)
+            consumer_tag = await queue.consume(self._on_flow_start_message)
+        log.info("scheduler.started", replica=self.replica)
+        try:
+            await self._tick_loop(stop)
+        finally:
+            if queue is not None and consumer_tag is not None:
+                with contextlib.suppress(Exception):
+                    await queue.cancel(consumer_tag)
+            if self._inflight:
+                await asyncio.gather(*self._inflight, return_exceptions=True)
+            log.info("scheduler.stopped", replica=self.replica)
+
+    async def _tick_loop(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                processed = await self.process_due_once()
+                await self.promote_buffered()
+            except (OSError, aioredis.RedisError, TimeoutError) as exc:
+                log.warning("scheduler.round_failed", error=repr(exc))
+                processed = 0
+                await asyncio.sleep(RETRY_DELAY_S)
+            if processed:
+                continue
+            next_ms = await self.admission.next_due_ms()
+            now_ms = to_ms(self.clock.now())
+            wait_s = MAX_IDLE_S if next_ms is None else (next_ms - now_ms) / 1000
+            wait_s = min(max(wait_s, 0.0), MAX_IDLE_S)
+            sleeper = asyncio.ensure_future(self.clock.sleep(wait_s))
+            stopper = asyncio.ensure_future(stop.wait())
+            await asyncio.wait({sleeper, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            for future in (sleeper, stopper):
+                future.cancel()
+
+    async def process_due_once(self) -> int:
+        """Handles every tick due now; returns how many due entries this replica claimed."""
+        due = await self.admission.due(to_ms(self.clock.now()), DUE_BATCH)
+        if not due:
+            return 0
+        # Replicas see the same due list; shuffling spreads their claims instead of having all
+        # of them race for the same first entries.
+        random.shuffle(due)
+        results = await asyncio.gather(*(self._guarded(flow, at) for flow, at in due))
+        return sum(results)
+
+    async def _guarded(self, flow: str, fire_at_ms: int) -> int:
+        async with self._slots:
+            try:
+                return await self._process(flow, fire_at_ms)
+            except Exception:
+                # The claim lapses after its lease and another replica (or we) retries the tick.
+                log.exception("scheduler.tick_failed", flow=flow)
+                return 0
+
+    def _schedule(self, definition: FlowDefinition) -> CronSchedule:
+        key = (definition.cron or "", definition.timezone)
+        schedule = self._schedules.get(key)
+        if schedule is None:
+            schedule = self._schedules[key] = CronSchedule(key[0], key[1])
+        return schedule
+
+    async def _process(self, flow: str, fire_at_ms: int) -> int:
+        claim = await self.admission.claim_tick(flow, fire_at_ms, self.replica, self.claim_ms)
+        if claim is None:
+            return 0
+        if not claim.definition_json:  # deleted flow
+            await self.admission.complete_tick(flow, fire_at_ms, self.replica, None)
+            return 1
+        definition = FlowDefinition.model_validate_json(claim.definition_json)
+        if definition.cron is None:
+            await self.admission.complete_tick(flow, fire_at_ms, self.replica, None)
+            return 1
+        with bound_context(tenant=definition.tenant, flow=definition.id):
+            schedule = self._schedule(definition)
+            now = self.clock.now()
+            plan = plan_ticks(
+                schedule, from_ms(claim.nominal_ms), now, definition.catch_up, self.grace
+            )
+            firing = [self._tick(definition, nominal, "cron") for nominal in plan.run]
+            if plan.catch_up is not None:
+                firing.append(self._tick(definition, plan.catch_up, "catch_up", plan.coalesced))
+            await asyncio.gather(*firing)
+            await self._report_unrun(
+                definition,
+                state="coalesced",
+                ticks=plan.coalesced,
+                truncated=False,
+                reason="catch_up",
+            )
+            await self._report_unrun(
+                definition,
+                state="skipped",
+                ticks=plan.missed,
+                truncated=plan.truncated,
+                reason="missed",
+            )
+            next_due = None
+            if plan.next_nominal is not None:
+                nominal_ms = to_ms(plan.next_nominal)
+                next_due = (
+                    nominal_ms + jitter_ms(flow, nominal_ms, definition.jitter_s),
+                    nominal_ms,
+                )
+            await self.admission.complete_tick(flow, fire_at_ms, self.replica, next_due)
+        return 1
+
+    async def _tick(
+        self,
+        definition: FlowDefinition,
+        nominal: datetime,
+        trigger: str,
+        coalesced: list[datetime] | None = None,
+    ) -> None:
+        fire_id = cron_fire_id(definition.tenant, definition.id, nominal)
+        execution = ExecutionRequested(
+            execution_id=execution_id_for(fire_id),
+            fire_id=fire_id,
+            tenant=definition.tenant,
+            flow_id=definition.id,
+            trigger="catch_up" if trigger == "catch_up" else "cron",
+            nominal_time=nominal,
+            input=definition.input,
+        )
+        data: dict[str, Any] = {
+            "fire_id": fire_id,
+            "nominal_time": iso_ms(nominal),
+            "execution_id": execution.execution_id,
+            "trigger": execution.trigger,
+        }
+        if coalesced:
+            data["coalesced"] = len(coalesced)
+        if definition.paused:
+            await self._status("tick", "skipped", definition, fire_id, {**data, "reason": "paused"})
+            TICKS.labels("paused").inc()
+            return
+        decision = await self._admit(definition, execution)
+        if decision is Admission.RUN:
+            await publish(await self.channel(), execution)
+            LATENESS.observe(max(0.0, (self.clock.now() - nominal).total_seconds()))
+            await self._status(
+                "tick", "fired", definition, fire_id, data, subject=execution.execution_id
+            )
+        elif decision is Admission.BUFFERED:
+            await self._status(
+                "tick", "buffered", definition, fire_id, data, subject=execution.execution_id
+            )
+        else:
+            await self._status(
+                "tick", "skipped", definition, fire_id, {**data, "reason": decision.value}
+            )
+        TICKS.labels(decision.value).inc()
+
+    async def _admit(self, definition: FlowDefinition, execution: ExecutionRequested) -> Admission:
+        return await self.admission.admit(
+            member(definition.tenant, definition.id),
+            tenant=definition.tenant,
+            flow_id=definition.id,
+            execution_id=execution.execution_id,
+            policy=definition.overlap,
+            lease_ms=self.lease_ms,
+            payload=execution.model_dump_json(),
+        )
+
+    async def _report_unrun(
+        self,
+        definition: FlowDefinition,
+        *,
+        state: str,
+        ticks: list[datetime],
+        truncated: bool,
+        reason: str,
+    ) -> None:
+        for nominal in ticks[:REPORT_LIMIT]:
+            fire_id = cron_fire_id(definition.tenant, definition.id, nominal)
+            data = {"fire_id": fire_id, "nominal_time": iso_ms(nominal), "reason": reason}
+            await self._status("tick", state, definition, fire_id, data)
+        if len(ticks) > REPORT_LIMIT or truncated:
+            summary: dict[str, Any] = {
+                "reason": reason,
+                "summary": True,
+                "count": len(ticks),
+                "count_is_lower_bound": truncated,
+                "first": iso_ms(ticks[0]),
+                "last": iso_ms(ticks[-1]),
+            }
+            first_id = cron_fire_id(definition.tenant, definition.id, ticks[0])
+            await self._status("tick", state, definition, f"{first_id}+{len(ticks)}", summary)
+        TICKS.labels(reason if state == "skipped" else state).inc(len(ticks))
+
+    async def _status(
+        self,
+        entity: str,
+        state: str,
+        definition: FlowDefinition | None,
+        event_key: str,
+        data: dict[str, Any],
+        *,
+        subject: str | None = None,
+        tenant: str | None = None,
+    ) -> None:
+        event = StatusEvent.build(
+            entity,
+            state,
+            event_id=f"{event_key}:{entity}.{state}",
+            tenant=definition.tenant if definition else tenant,
+            flow=definition.id if definition else None,
+            subject=subject,
+            data=data,
+        )
+        await publish(await self.channel(), event)
+
+    # ------------------------------------------------------------------ buffer_one
+    async def promote_buffered(self) -> None:
+        """Starts a waiting (buffer_one) execution once its flow's running lease is free."""
+        for flow in await self.admission.buffered_flows():
+            payload = await self.admission.promote_buffered(flow, self.lease_ms)
+            if payload is None:
+                continue
+            execution = ExecutionRequested.model_validate_json(payload)
+            await publish(await self.channel(), execution)
+            await self.admission.finish_buffered(flow, execution.execution_id)
+            TICKS.labels("promoted").inc()
+
+    # ------------------------------------------------------------------ flow-start ingress
+    async def _on_flow_start_message(self, incoming: AbstractIncomingMessage) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._inflight.add(task)
+        try:
+            await self.handle_flow_start(incoming)
+        except Exception:
+            log.exception("flow_start.failed", message_id=incoming.message_id)
+            await asyncio.sleep(RETRY_DELAY_S)
+            with contextlib.suppress(Exception):
+                await incoming.nack(requeue=True)
+        finally:
+            if task is not None:
+                self._inflight.discard(task)
+
+    async def handle_flow_start(self, incoming: AbstractIncomingMessage) -> None:
+        try:
+            request = decode(incoming, FlowStartRequested)
+        except InvalidMessage as exc:
+            await self._refuse(incoming, exc.reason, exc.detail, to_dlq=True)
+            return
+        tenant = request.tenant
+        if incoming.user_id:
+            # RabbitMQ has checked user_id against the publishing connection's user.
+            if incoming.user_id != request.tenant:
+                detail = (
+                    f"user {incoming.user_id!r} may not start flows of tenant {request.tenant!r}"
+                )
+                await self._refuse(
+                    incoming, "forbidden", detail, to_dlq=True, tenant=incoming.user_id
+                )
+                return
+        elif self.settings.require_auth:
+            detail = "the request has no AMQP user_id and authentication is required"
+            await self._refuse(incoming, "unauthenticated", detail, to_dlq=True, tenant=tenant)
+            return
+        with bound_context(tenant=tenant, flow=request.flow_id):
+            definition = await self.flows.get(tenant, request.flow_id)
+            if definition is None:
+                detail = f"tenant {tenant!r} has no flow {request.flow_id!r}"
+                await self._refuse(incoming, "unknown_flow", detail, to_dlq=True, tenant=tenant)
+                return
+            await self._admit_request(incoming, request, definition)
+
+    async def _admit_request(
+        self,
+        incoming: AbstractIncomingMessage,
+        request: FlowStartRequested,
+        definition: FlowDefinition,
+    ) -> None:
+        flow = member(definition.tenant, definition.id)
+        fire_id = request_fire_id(definition.tenant, definition.id, request.idempotency_key)
+        execution_id = execution_id_for(fire_id)
+        data: dict[str, Any] = {
+            "idempotency_key": request.idempotency_key,
+            "execution_id": execution_id,
+            "fire_id": fire_id,
+        }
+        seen = await self.admission.begin_request(
+            flow, request.idempotency_key, execution_id, self.settings.idempotency_ttl_s
+        )
+        if seen.startswith("done:"):
+            FLOW_STARTS.labels("duplicate").inc()
+            await self._status(
+                "flow_start",
+                "accepted",
+                definition,
+                fire_id,
+                {**data, "duplicate": True},
+                subject=execution_id,
+            )
+            await incoming.ack()
+            return
+        if definition.paused:
+            await self.admission.forget_request(flow, request.idempotency_key)
+            await self._refuse(
+                incoming, "paused", "the flow is paused", to_dlq=False, definition=definition
+            )
+            return
+        try:
+            execution = ExecutionRequested(
+                execution_id=execution_id,
+                fire_id=fire_id,
+                tenant=definition.tenant,
+                flow_id=definition.id,
+                trigger=request.trigger,
+                input={**definition.input, **request.input},
+            )
+        except ValidationError as exc:
+            await self.admission.forget_request(flow, request.idempotency_key)
+            detail = str(exc)[:500]
+            await self._refuse(
+                incoming, "schema_violation", detail, to_dlq=True, definition=definition
+            )
+            return
+        decision = await self._admit(definition, execution)
+        FLOW_STARTS.labels(decision.value).inc()
+        if decision not in (Admission.RUN, Admission.BUFFERED):
+            # Refused by policy, not for bad input: the key is forgotten so the caller may
+            # retry the same request later (once the flow is free or released).
+            await self.admission.forget_request(flow, request.idempotency_key)
+            detail = f"admission refused the request: {decision.value}"
+            await self._refuse(
+                incoming, decision.value, detail, to_dlq=False, definition=definition
+            )
+            return
+        if decision is Admission.RUN:
+            await publish(await self.channel(), execution)
+        else:
+            data["buffered"] = True
+        await self._status(
+            "flow_start", "accepted", definition, fire_id, data, subject=execution_id
+        )
+        await self.admission.finish_request(flow, request.idempotency_key, execution_id)
+        await incoming.ack()
+
+    async def _refuse(
+        self,
+        incoming: AbstractIncomingMessage,
+        reason: str,
+        detail: str,
+        *,
+        to_dlq: bool,
+        tenant: str | None = None,
+        definition: FlowDefinition | None = None,
+    ) -> None:
+        """A refused request: status event always; the DLQ too when the input itself was bad."""
+        FLOW_STARTS.labels(reason).inc()
+        data = {"reason": reason, "detail": detail, "message_id": incoming.message_id}
+        key = incoming.message_id or uuid.uuid4().hex
+        await self._status("flow_start", "rejected", definition, key, data, tenant=tenant)
+        log.info("flow_start.rejected", reason=reason, detail=detail)
+        if to_dlq:
+            await dead_letter(
+                await self.channel(), incoming, topology.FLOW_START_QUEUE, reason, detail
+            )
+        else:
+            await incoming.ack()

@@ -1,0 +1,57 @@
+"""State in Redis: flow registry, due index, leases, idempotency keys, tenant state."""
+
+from __future__ import annotations
+
+import redis.asyncio as aioredis
+
+from orchestrator.config import Settings
+
+
+def connect(settings: Settings) -> aioredis.Redis:
+    """One client (a connection pool) per process; strings in, strings out."""
+    client: aioredis.Redis = aioredis.from_url(
+        str(settings.redis_url), decode_responses=True, health_check_interval=30
+    )
+    return client
+
+
+class Keys:
+    """Every Redis key the orchestrator writes, under one configurable prefix.
+
+    A flow is addressed as the member `<tenant>/<flow>` (slugs contain no `/`).
+    """
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.flows = f"{prefix}flows"  # set of members
+        self.due = f"{prefix}due"  # zset member -> fire-at (epoch ms, jitter included)
+        self.nominal = f"{prefix}nominal"  # hash member -> nominal fire time (epoch ms)
+        self.buffered_index = f"{prefix}buffered"  # set of members with a waiting execution
+
+    def flow(self, member: str) -> str:
+        return f"{self.prefix}flow:{member}"
+
+    def claim(self, member: str) -> str:
+        return f"{self.prefix}claim:{member}"
+
+    def running(self, member: str) -> str:
+        return f"{self.prefix}running:{member}"
+
+    def buffered(self, member: str) -> str:
+        return f"{self.prefix}buffered:{member}"
+
+    def idempotency(self, member: str, key_digest: str) -> str:
+        return f"{self.prefix}idem:{member}:{key_digest}"
+
+    def quarantine(self, tenant: str, flow: str | None = None) -> str:
+        target = tenant if flow is None else f"{tenant}/{flow}"
+        return f"{self.prefix}quarantine:{target}"
+
+
+def member(tenant: str, flow: str) -> str:
+    return f"{tenant}/{flow}"
+
+
+def split_member(value: str) -> tuple[str, str]:
+    tenant, _, flow = value.partition("/")
+    return tenant, flow
