@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
@@ -56,7 +57,7 @@ def test_berlin_fall_back_interval_keeps_real_time_rhythm() -> None:
         "01:30",
         "02:00",
     ]
-    gaps = {b - a for a, b in zip(fires, fires[1:], strict=False)}
+    gaps = {b - a for a, b in itertools.pairwise(fires)}
     assert gaps == {timedelta(minutes=30)}
 
 
