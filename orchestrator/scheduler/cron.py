@@ -57,6 +57,9 @@ class CronSchedule:
     timezone: str = "UTC"
     tz: ZoneInfo = field(init=False, repr=False, compare=False)
     fixed_time: bool = field(init=False, repr=False, compare=False)
+    # Parsing an expression costs more than iterating it; one iterator is re-positioned per
+    # call (next_after never awaits, so no two callers interleave).
+    _iterator: croniter = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         expanded = ALIASES.get(self.expression.strip(), self.expression)
@@ -66,6 +69,7 @@ class CronSchedule:
             self, "fixed_time", not fields[0].startswith("*") and not fields[1].startswith("*")
         )
         object.__setattr__(self, "expression", expanded)
+        object.__setattr__(self, "_iterator", croniter(expanded, datetime(2000, 1, 1)))
 
     def _instants(self, naive: datetime) -> list[datetime]:
         """The instants one local wall-clock candidate stands for, under the rule above."""
@@ -88,7 +92,8 @@ class CronSchedule:
             # In the first pass of a repeated hour, the second pass of *earlier* wall-clock
             # times may still be ahead of us: start the scan before the repeated hour.
             start -= MAX_SHIFT
-        candidates = croniter(self.expression, start - ONE_SECOND)
+        candidates = self._iterator
+        candidates.set_current(start - ONE_SECOND, force=True)
         best: datetime | None = None
         for _ in range(MAX_SCAN):
             try:

@@ -23,7 +23,7 @@ from orchestrator.config import Settings
 from orchestrator.scheduler.cron import CronSchedule
 from orchestrator.scheduler.ticks import plan_ticks
 from orchestrator.store import Keys, member
-from orchestrator.store.admission import Admission, AdmissionStore, idempotency_digest
+from orchestrator.store.admission import Admission, AdmissionStore, Claim, idempotency_digest
 from orchestrator.store.flows import FlowRegistry, jitter_ms
 from orchestrator.telemetry import bound_context, get_logger
 from schemas import ExecutionRequested, FlowDefinition, FlowStartRequested, StatusEvent
@@ -43,6 +43,7 @@ REPORT_LIMIT = 100
 # Back-off before a flow-start request that failed on infrastructure (Redis down) is retried.
 RETRY_DELAY_S = 1.0
 FLOW_START_PREFETCH = 32
+DEFINITION_CACHE_SIZE = 20_000
 
 TICKS = Counter("orchestrator_ticks_total", "Cron ticks by outcome", ["outcome"])
 LATENESS = Histogram(
@@ -93,6 +94,7 @@ class Scheduler:
         self.grace = timedelta(seconds=settings.misfire_grace_s)
         self._slots = asyncio.Semaphore(settings.scheduler_concurrency)
         self._schedules: dict[tuple[str, str], CronSchedule] = {}
+        self._definitions: dict[str, FlowDefinition] = {}
         self._channel: AbstractChannel | None = None
         self._inflight: set[asyncio.Task[None]] = set()
 
@@ -144,24 +146,53 @@ class Scheduler:
                 future.cancel()
 
     async def process_due_once(self) -> int:
-        """Handles every tick due now; returns how many due entries this replica claimed."""
+        """Handles every tick due now; returns how many due entries this replica claimed.
+
+        Redis work is batched per round: one pipeline claims, one completes, so a round of
+        hundreds of due flows costs a few round trips, not hundreds.
+        """
         due = await self.admission.due(to_ms(self.clock.now()), DUE_BATCH)
         if not due:
             return 0
         # Replicas see the same due list; shuffling spreads their claims instead of having all
         # of them race for the same first entries.
         random.shuffle(due)
-        results = await asyncio.gather(*(self._guarded(flow, at) for flow, at in due))
-        return sum(results)
+        claims = await self.admission.claim_ticks(due, self.replica, self.claim_ms)
+        claimed = [
+            (flow, at, claim) for (flow, at), claim in zip(due, claims, strict=True) if claim
+        ]
+        outcomes = await asyncio.gather(
+            *(self._guarded(flow, at, claim) for flow, at, claim in claimed)
+        )
+        done = [
+            (flow, at, next_due)
+            for (flow, at, _), (ok, next_due) in zip(claimed, outcomes, strict=True)
+            if ok
+        ]
+        # A flow whose processing failed keeps its claim until the lease lapses; then any
+        # replica retries the tick (same ids, so a partial first attempt is harmless).
+        await self.admission.complete_ticks(done, self.replica)
+        return len(claimed)
 
-    async def _guarded(self, flow: str, fire_at_ms: int) -> int:
+    async def _guarded(
+        self, flow: str, fire_at_ms: int, claim: Claim
+    ) -> tuple[bool, tuple[int, int] | None]:
         async with self._slots:
             try:
-                return await self._process(flow, fire_at_ms)
+                return True, await self._process(flow, claim)
             except Exception:
-                # The claim lapses after its lease and another replica (or we) retries the tick.
                 log.exception("scheduler.tick_failed", flow=flow)
-                return 0
+                return False, None
+
+    def _definition(self, raw: str) -> FlowDefinition:
+        """Parsed definitions by their stored JSON: validating the same flow every second
+        is the largest CPU cost of a tick otherwise."""
+        definition = self._definitions.get(raw)
+        if definition is None:
+            if len(self._definitions) >= DEFINITION_CACHE_SIZE:
+                self._definitions.clear()
+            definition = self._definitions[raw] = FlowDefinition.model_validate_json(raw)
+        return definition
 
     def _schedule(self, definition: FlowDefinition) -> CronSchedule:
         key = (definition.cron or "", definition.timezone)
@@ -170,17 +201,13 @@ class Scheduler:
             schedule = self._schedules[key] = CronSchedule(key[0], key[1])
         return schedule
 
-    async def _process(self, flow: str, fire_at_ms: int) -> int:
-        claim = await self.admission.claim_tick(flow, fire_at_ms, self.replica, self.claim_ms)
-        if claim is None:
-            return 0
+    async def _process(self, flow: str, claim: Claim) -> tuple[int, int] | None:
+        """Fires or reports every tick of one claimed flow; returns its next (fire-at, nominal)."""
         if not claim.definition_json:  # deleted flow
-            await self.admission.complete_tick(flow, fire_at_ms, self.replica, None)
-            return 1
-        definition = FlowDefinition.model_validate_json(claim.definition_json)
+            return None
+        definition = self._definition(claim.definition_json)
         if definition.cron is None:
-            await self.admission.complete_tick(flow, fire_at_ms, self.replica, None)
-            return 1
+            return None
         with bound_context(tenant=definition.tenant, flow=definition.id):
             schedule = self._schedule(definition)
             now = self.clock.now()
@@ -205,15 +232,10 @@ class Scheduler:
                 truncated=plan.truncated,
                 reason="missed",
             )
-            next_due = None
-            if plan.next_nominal is not None:
-                nominal_ms = to_ms(plan.next_nominal)
-                next_due = (
-                    nominal_ms + jitter_ms(flow, nominal_ms, definition.jitter_s),
-                    nominal_ms,
-                )
-            await self.admission.complete_tick(flow, fire_at_ms, self.replica, next_due)
-        return 1
+        if plan.next_nominal is None:
+            return None
+        nominal_ms = to_ms(plan.next_nominal)
+        return nominal_ms + jitter_ms(flow, nominal_ms, definition.jitter_s), nominal_ms
 
     async def _tick(
         self,

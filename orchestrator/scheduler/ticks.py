@@ -36,7 +36,11 @@ def plan_ticks(
     grace: timedelta,
 ) -> TickPlan:
     """Plans every tick from `first` (the due one) up to `now`."""
-    ticks = [first, *schedule.fires_between(first, now, MAX_ENUMERATED_TICKS)]
+    ticks = [first]
+    upcoming = schedule.next_after(first)
+    while upcoming is not None and upcoming <= now and len(ticks) <= MAX_ENUMERATED_TICKS:
+        ticks.append(upcoming)
+        upcoming = schedule.next_after(upcoming)
     plan = TickPlan()
     if len(ticks) > MAX_ENUMERATED_TICKS:
         plan.truncated = True
@@ -44,6 +48,7 @@ def plan_ticks(
         window_start = max(first, now - timedelta(seconds=catch_up.window_s) - grace)
         plan.missed = ticks[:MAX_ENUMERATED_TICKS]
         ticks = schedule.fires_between(window_start, now, MAX_ENUMERATED_TICKS)
+        upcoming = schedule.next_after(now)
     window = timedelta(seconds=catch_up.window_s)
     late: list[datetime] = []
     for tick in ticks:
@@ -60,5 +65,5 @@ def plan_ticks(
             plan.coalesced = late[:-1]
         else:
             plan.missed.extend(late)
-    plan.next_nominal = schedule.next_after(max(now, ticks[-1] if ticks else first))
+    plan.next_nominal = upcoming
     return plan

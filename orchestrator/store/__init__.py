@@ -6,13 +6,22 @@ import redis.asyncio as aioredis
 
 from orchestrator.config import Settings
 
+# Connections per process. A blocking pool makes a burst of concurrent ticks wait for a free
+# connection instead of failing with "Too many connections".
+MAX_CONNECTIONS = 128
+POOL_TIMEOUT_S = 30
+
 
 def connect(settings: Settings) -> aioredis.Redis:
     """One client (a connection pool) per process; strings in, strings out."""
-    client: aioredis.Redis = aioredis.from_url(
-        str(settings.redis_url), decode_responses=True, health_check_interval=30
+    pool = aioredis.BlockingConnectionPool.from_url(
+        str(settings.redis_url),
+        decode_responses=True,
+        health_check_interval=30,
+        max_connections=MAX_CONNECTIONS,
+        timeout=POOL_TIMEOUT_S,
     )
-    return client
+    return aioredis.Redis(connection_pool=pool)
 
 
 class Keys:

@@ -153,25 +153,40 @@ class AdmissionStore:
         head = await self.redis.zrange(self.keys.due, 0, 0, withscores=True)
         return int(head[0][1]) if head else None
 
-    async def claim_tick(
-        self, flow: str, fire_at_ms: int, owner: str, lease_ms: int
-    ) -> Claim | None:
-        """Claims the flow's due tick if it is still `fire_at_ms` and nobody holds it."""
-        keys = [self.keys.due, self.keys.nominal, self.keys.claim(flow), self.keys.flow(flow)]
-        result = await self._claim(keys=keys, args=[flow, fire_at_ms, owner, lease_ms])
-        if not result:
-            return None
-        nominal, definition = result
-        return Claim(int(nominal) if nominal else fire_at_ms, definition)
+    async def claim_ticks(
+        self, due: list[tuple[str, int]], owner: str, lease_ms: int
+    ) -> list[Claim | None]:
+        """`claim_tick` for many flows in one round trip (a pipeline of scripts)."""
+        if not due:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for flow, fire_at_ms in due:
+                keys = [
+                    self.keys.due,
+                    self.keys.nominal,
+                    self.keys.claim(flow),
+                    self.keys.flow(flow),
+                ]
+                await self._claim(keys=keys, args=[flow, fire_at_ms, owner, lease_ms], client=pipe)
+            results = await pipe.execute()
+        return [
+            Claim(int(r[0]) if r[0] else at, r[1]) if r else None
+            for r, (_, at) in zip(results, due, strict=True)
+        ]
 
-    async def complete_tick(
-        self, flow: str, fire_at_ms: int, owner: str, next_due: tuple[int, int] | None
-    ) -> bool:
-        """Moves the flow to its next tick (or out of the index) and drops the claim."""
-        keys = [self.keys.due, self.keys.nominal, self.keys.claim(flow)]
-        fire_at, nominal = next_due if next_due else ("", "")
-        done = await self._complete(keys=keys, args=[flow, fire_at_ms, owner, fire_at, nominal])
-        return bool(done)
+    async def complete_ticks(
+        self, done: list[tuple[str, int, tuple[int, int] | None]], owner: str
+    ) -> None:
+        """`complete_tick` for many flows in one round trip."""
+        if not done:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for flow, fire_at_ms, next_due in done:
+                keys = [self.keys.due, self.keys.nominal, self.keys.claim(flow)]
+                fire_at, nominal = next_due if next_due else ("", "")
+                args: list[str | int] = [flow, fire_at_ms, owner, fire_at, nominal]
+                await self._complete(keys=keys, args=args, client=pipe)
+            await pipe.execute()
 
     async def admit(
         self,

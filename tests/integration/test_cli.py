@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import uuid
+from pathlib import Path
 
 from orchestrator.config import Settings
 
@@ -50,3 +53,64 @@ def test_topology_apply_and_up(settings: Settings) -> None:
     up = _run(settings, "up")
     assert up.returncode == 0, up.stderr
     assert "orchestrator is up" in up.stdout
+
+
+def test_flows_apply_validates_everything_before_writing(
+    settings: Settings, tmp_path: Path
+) -> None:
+    prefix = f"{settings.redis_prefix}cli-{uuid.uuid4().hex[:6]}:"
+    good = tmp_path / "good.yaml"
+    good.write_text(
+        "tenant: acme\nid: nightly\ncron: '0 3 * * *'\ntimezone: Europe/Berlin\n"
+        "steps:\n  - {id: a, type: demo.echo}\n"
+    )
+    bad = tmp_path / "bad.json"
+    bad.write_text(
+        json.dumps(
+            {
+                "flows": [
+                    {
+                        "tenant": "acme",
+                        "id": "broken",
+                        "cron": "61 * * * *",
+                        "steps": [{"id": "a", "type": "demo.echo"}],
+                    },
+                ]
+            }
+        )
+    )
+    refused = _run(settings, "flows", "apply", str(good), str(bad), ORCH_REDIS_PREFIX=prefix)
+    assert refused.returncode == 2
+    assert "bad.json: flow acme/broken: cron:" in refused.stderr
+    assert "nothing was applied" in refused.stderr
+    listed = _run(settings, "flows", "list", ORCH_REDIS_PREFIX=prefix)
+    assert "acme/nightly" not in listed.stdout  # all or nothing
+
+    applied = _run(settings, "flows", "apply", str(good), ORCH_REDIS_PREFIX=prefix)
+    assert applied.returncode == 0, applied.stderr
+    assert "acme/nightly: created" in applied.stdout
+    again = _run(settings, "flows", "apply", str(good), ORCH_REDIS_PREFIX=prefix)
+    assert "acme/nightly: unchanged" in again.stdout
+
+    shown = _run(settings, "flows", "show", "acme/nightly", ORCH_REDIS_PREFIX=prefix)
+    document = json.loads(shown.stdout)
+    assert document["definition"]["timezone"] == "Europe/Berlin"
+    assert document["next_fire"] is not None
+    assert (
+        _run(settings, "flows", "pause", "acme/nightly", ORCH_REDIS_PREFIX=prefix).returncode == 0
+    )
+    shown = _run(settings, "flows", "show", "acme/nightly", ORCH_REDIS_PREFIX=prefix)
+    assert json.loads(shown.stdout)["definition"]["paused"] is True
+    missing = _run(settings, "flows", "show", "acme/nope", ORCH_REDIS_PREFIX=prefix)
+    assert missing.returncode == 1
+    assert "no flow acme/nope" in missing.stderr
+    usage = _run(settings, "flows", "show", "no-slash", ORCH_REDIS_PREFIX=prefix)
+    assert usage.returncode == 2
+    trigger = _run(
+        settings, "flows", "trigger", "acme/nightly", "--input", "[1]", ORCH_REDIS_PREFIX=prefix
+    )
+    assert trigger.returncode == 2
+    assert "invalid trigger" in trigger.stderr
+    deleted = _run(settings, "flows", "delete", "acme/nightly", ORCH_REDIS_PREFIX=prefix)
+    assert deleted.returncode == 0
+    assert "acme/nightly" not in _run(settings, "flows", "list", ORCH_REDIS_PREFIX=prefix).stdout

@@ -1,0 +1,176 @@
+"""Flow-start requests from other services: admission, idempotency, refusal with a reason."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import UTC, datetime
+import urllib.parse
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aio_pika
+import pytest
+from aio_pika.abc import AbstractChannel, AbstractRobustConnection
+from aio_pika.exceptions import ChannelPreconditionFailed
+
+from orchestrator import store, topology
+from orchestrator.amqp import REASON_HEADER, publish
+from orchestrator.config import Settings
+from orchestrator.scheduler.service import Scheduler
+from orchestrator.store.flows import FlowRegistry
+from schemas import FlowDefinition, FlowStartRequested
+from tests.conftest import BrokerUrls, Management
+from tests.integration.helpers import body, drain, fresh_settings, get_one, purged, status_feed
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+FLOW = FlowDefinition.model_validate(
+    {
+        "tenant": "acme",
+        "id": "import",
+        "overlap": "allow",
+        "input": {"source": "sftp", "limit": 10},
+        "steps": [{"id": "a", "type": "demo.echo"}],
+    }
+)
+
+
+def request(
+    key: str = "order-1", tenant: str = "acme", flow_id: str = "import"
+) -> FlowStartRequested:
+    return FlowStartRequested(
+        tenant=tenant, flow_id=flow_id, idempotency_key=key, input={"limit": 99}
+    )
+
+
+@pytest.fixture
+async def running_scheduler(
+    settings: Settings, amqp: AbstractRobustConnection, channel: AbstractChannel
+) -> AsyncIterator[Settings]:
+    test_settings = fresh_settings(settings)
+    redis = store.connect(test_settings)
+    await FlowRegistry(redis, store.Keys(test_settings.redis_prefix)).apply(
+        [FLOW], datetime.now(UTC)
+    )
+    for name in (
+        topology.EXECUTIONS_QUEUE,
+        topology.FLOW_START_QUEUE,
+        topology.FLOW_START_QUEUE + ".dlq",
+    ):
+        await purged(channel, name)
+    stop = asyncio.Event()
+    scheduler = Scheduler(test_settings, redis, amqp)
+    task = asyncio.create_task(scheduler.run(stop))
+    await asyncio.sleep(0.2)
+    yield test_settings
+    stop.set()
+    await task
+    async for key in redis.scan_iter(match=f"{test_settings.redis_prefix}*"):
+        await redis.delete(key)
+    await redis.aclose()
+
+
+async def test_valid_request_starts_an_execution_once(
+    running_scheduler: Settings, channel: AbstractChannel
+) -> None:
+    executions = await channel.get_queue(topology.EXECUTIONS_QUEUE)
+    feed = await status_feed(channel, "acme.import.flow_start.*")
+    await publish(channel, request())
+    started = await get_one(executions)
+    execution = body(started)
+    assert execution["trigger"] == "request"
+    assert execution["input"] == {"source": "sftp", "limit": 99}  # request overrides flow input
+    assert started.message_id == execution["fire_id"]
+
+    await publish(channel, request())  # the same idempotency key again
+    await asyncio.sleep(0.5)
+    assert await drain(executions) == []
+    events = [body(m) for m in await drain(feed)]
+    assert [e["type"] for e in events] == ["io.orchestrator.flow_start.accepted"] * 2
+    assert events[1]["data"]["duplicate"] is True
+    assert events[1]["subject"] == execution["execution_id"]
+
+    await publish(channel, request(key="order-2"))  # a new key is a new execution
+    assert body(await get_one(executions))["execution_id"] != execution["execution_id"]
+
+
+async def _assert_dead_lettered(
+    channel: AbstractChannel, reason: str, detail_contains: str
+) -> dict[str, Any]:
+    dlq = await channel.get_queue(topology.FLOW_START_QUEUE + ".dlq")
+    dead = await get_one(dlq)
+    assert dead.headers[REASON_HEADER] == reason
+    assert detail_contains in str(dead.headers["orch-detail"])
+    return dict(dead.headers)
+
+
+async def test_bad_requests_go_to_the_dlq_with_a_reason(
+    running_scheduler: Settings, channel: AbstractChannel
+) -> None:
+    executions = await channel.get_queue(topology.EXECUTIONS_QUEUE)
+    feed = await status_feed(channel, "*.*.flow_start.rejected")
+    commands = await channel.get_exchange(topology.COMMANDS)
+
+    await publish(channel, request(flow_id="nope"))
+    await _assert_dead_lettered(channel, "unknown_flow", "no flow 'nope'")
+
+    await commands.publish(aio_pika.Message(b"{oops", message_id="m1"), routing_key="flow.start")
+    await _assert_dead_lettered(channel, "malformed_json", "")
+
+    wrong_schema = json.dumps({"tenant": "acme", "flow_id": "import", "surprise": True}).encode()
+    await commands.publish(
+        aio_pika.Message(wrong_schema, message_id="m2"), routing_key="flow.start"
+    )
+    headers = await _assert_dead_lettered(channel, "schema_violation", "surprise")
+    assert "idempotency_key" in str(headers["orch-detail"])
+
+    events = [body(m) for m in await drain(feed)]
+    assert [e["data"]["reason"] for e in events] == [
+        "unknown_flow",
+        "malformed_json",
+        "schema_violation",
+    ]
+    assert events[1]["source"] == "/orchestrator"  # no tenant could be read
+    # The consumer is still running: a valid request goes through.
+    await publish(channel, request(key="after-bad-input"))
+    assert body(await get_one(executions))["flow_id"] == "import"
+
+
+@pytest.fixture
+async def tenant_connection(
+    broker_urls: BrokerUrls, management: Management, vhost: str, settings: Settings
+) -> AsyncIterator[AbstractRobustConnection]:
+    """A connection authenticated as the RabbitMQ user `acme` (a tenant's own credentials)."""
+    management.request("PUT", "/users/acme", {"password": "acme-secret", "tags": ""})
+    quoted = urllib.parse.quote(vhost, safe="")
+    management.request(
+        "PUT", f"/permissions/{quoted}/acme", {"configure": "", "write": ".*", "read": ""}
+    )
+    url = settings.rabbitmq_url
+    connection = await aio_pika.connect_robust(
+        f"amqp://acme:acme-secret@{url.host}:{url.port}/{quoted}"
+    )
+    yield connection
+    await connection.close()
+    management.request("DELETE", "/users/acme")
+
+
+async def test_authenticated_user_decides_the_tenant(
+    running_scheduler: Settings,
+    channel: AbstractChannel,
+    tenant_connection: AbstractRobustConnection,
+) -> None:
+    executions = await channel.get_queue(topology.EXECUTIONS_QUEUE)
+    tenant_channel = await tenant_connection.channel(publisher_confirms=True)
+    # acme starts its own flow: accepted.
+    await publish(tenant_channel, request(key="auth-1"), user_id="acme")
+    assert body(await get_one(executions))["tenant"] == "acme"
+    # acme asks for globex's flow: the body's tenant is forged, user_id wins.
+    await publish(tenant_channel, request(key="auth-2", tenant="globex"), user_id="acme")
+    await _assert_dead_lettered(channel, "forbidden", "may not start flows of tenant 'globex'")
+    # Claiming to be someone else is refused by RabbitMQ itself.
+    with pytest.raises(ChannelPreconditionFailed):
+        await publish(tenant_channel, request(key="auth-3"), user_id="globex")
+    await asyncio.sleep(0.3)
+    assert await drain(executions) == []
