@@ -36,7 +36,7 @@ def _management(settings: Settings, method: str, path: str, body: object | None 
     manager.add_password(None, base, parsed.username or "guest", parsed.password or "guest")
     opener = urllib.request.build_opener(urllib.request.HTTPBasicAuthHandler(manager))
     data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(  # noqa: S310 - our own broker
+    request = urllib.request.Request(
         base + path, data=data, method=method, headers={"content-type": "application/json"}
     )
     with opener.open(request, timeout=30):
@@ -52,7 +52,10 @@ def isolated_settings(name: str) -> Iterator[Settings]:
     _management(base, "PUT", f"/vhosts/{quoted}", {})
     user = base.rabbitmq_url.username or "guest"
     _management(
-        base, "PUT", f"/permissions/{quoted}/{user}", {"configure": ".*", "write": ".*", "read": ".*"}
+        base,
+        "PUT",
+        f"/permissions/{quoted}/{user}",
+        {"configure": ".*", "write": ".*", "read": ".*"},
     )
     url = str(base.rabbitmq_url).rstrip("/")
     if url.count("/") > 2:

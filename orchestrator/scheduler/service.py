@@ -44,6 +44,8 @@ REPORT_LIMIT = 100
 RETRY_DELAY_S = 1.0
 FLOW_START_PREFETCH = 32
 DEFINITION_CACHE_SIZE = 20_000
+# Ticks due within this window are claimed and planned ahead, then fired on time.
+LOOKAHEAD_MS = 250
 
 TICKS = Counter("orchestrator_ticks_total", "Cron ticks by outcome", ["outcome"])
 LATENESS = Histogram(
@@ -137,7 +139,7 @@ class Scheduler:
                 continue
             next_ms = await self.admission.next_due_ms()
             now_ms = to_ms(self.clock.now())
-            wait_s = MAX_IDLE_S if next_ms is None else (next_ms - now_ms) / 1000
+            wait_s = MAX_IDLE_S if next_ms is None else (next_ms - LOOKAHEAD_MS - now_ms) / 1000
             wait_s = min(max(wait_s, 0.0), MAX_IDLE_S)
             sleeper = asyncio.ensure_future(self.clock.sleep(wait_s))
             stopper = asyncio.ensure_future(stop.wait())
@@ -151,7 +153,7 @@ class Scheduler:
         Redis work is batched per round: one pipeline claims, one completes, so a round of
         hundreds of due flows costs a few round trips, not hundreds.
         """
-        due = await self.admission.due(to_ms(self.clock.now()), DUE_BATCH)
+        due = await self.admission.due(to_ms(self.clock.now()) + LOOKAHEAD_MS, DUE_BATCH)
         if not due:
             return 0
         # Replicas see the same due list; shuffling spreads their claims instead of having all
@@ -179,7 +181,7 @@ class Scheduler:
     ) -> tuple[bool, tuple[int, int] | None]:
         async with self._slots:
             try:
-                return True, await self._process(flow, claim)
+                return True, await self._process(flow, fire_at_ms, claim)
             except Exception:
                 log.exception("scheduler.tick_failed", flow=flow)
                 return False, None
@@ -201,8 +203,12 @@ class Scheduler:
             schedule = self._schedules[key] = CronSchedule(key[0], key[1])
         return schedule
 
-    async def _process(self, flow: str, claim: Claim) -> tuple[int, int] | None:
-        """Fires or reports every tick of one claimed flow; returns its next (fire-at, nominal)."""
+    async def _process(self, flow: str, fire_at_ms: int, claim: Claim) -> tuple[int, int] | None:
+        """Fires or reports every tick of one claimed flow; returns its next (fire-at, nominal).
+
+        Ticks are claimed and planned up to LOOKAHEAD_MS early and fired at their time, so
+        the claim and planning work is off the critical path of a burst of simultaneous ticks.
+        """
         if not claim.definition_json:  # deleted flow
             return None
         definition = self._definition(claim.definition_json)
@@ -210,10 +216,14 @@ class Scheduler:
             return None
         with bound_context(tenant=definition.tenant, flow=definition.id):
             schedule = self._schedule(definition)
-            now = self.clock.now()
+            fire_at = from_ms(fire_at_ms)
+            now = max(self.clock.now(), fire_at)
             plan = plan_ticks(
                 schedule, from_ms(claim.nominal_ms), now, definition.catch_up, self.grace
             )
+            early_s = (fire_at - self.clock.now()).total_seconds()
+            if early_s > 0:
+                await self.clock.sleep(early_s)
             firing = [self._tick(definition, nominal, "cron") for nominal in plan.run]
             if plan.catch_up is not None:
                 firing.append(self._tick(definition, plan.catch_up, "catch_up", plan.coalesced))
