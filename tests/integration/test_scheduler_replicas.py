@@ -41,7 +41,7 @@ def process_env(settings: Settings) -> dict[str, str]:
 
 
 def start_scheduler(settings: Settings) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(  # noqa: S603 - our own CLI
+    return subprocess.Popen(
         [sys.executable, "-m", "orchestrator", "scheduler", "--no-ingress"],
         env=process_env(settings),
         stdout=subprocess.DEVNULL,
