@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
 import uuid
 from enum import IntEnum
@@ -18,6 +19,7 @@ from orchestrator import apidoc, store, topology
 from orchestrator.amqp import connect, open_channel, publish
 from orchestrator.clock import SystemClock, from_ms
 from orchestrator.config import ConfigError, Settings, load_settings
+from orchestrator.engine.service import Engine
 from orchestrator.flowfiles import FlowFileError, load_flow_files
 from orchestrator.health import check_all
 from orchestrator.runtime import run_until_signalled
@@ -26,6 +28,8 @@ from orchestrator.store.admission import AdmissionStore
 from orchestrator.store.flows import FlowRegistry
 from orchestrator.telemetry import configure_logging, start_metrics_server
 from schemas import FlowStartRequested
+from workers import Worker
+from workers import builtin as _builtin_steps  # noqa: F401 - registers the demo.* step types
 
 
 class ExitCode(IntEnum):
@@ -41,6 +45,8 @@ app = typer.Typer(
 topology_app = typer.Typer(help="RabbitMQ exchanges, queues and bindings.", no_args_is_help=True)
 schemas_app = typer.Typer(help="Message contracts (JSON Schema, AsyncAPI).", no_args_is_help=True)
 flows_app = typer.Typer(help="Register and operate flows.", no_args_is_help=True)
+workers_app = typer.Typer(help="The worker registry.", no_args_is_help=True)
+app.add_typer(workers_app, name="workers")
 app.add_typer(topology_app, name="topology")
 app.add_typer(schemas_app, name="schemas")
 app.add_typer(flows_app, name="flows")
@@ -84,8 +90,14 @@ def check() -> None:
 
 
 @app.command()
-def up() -> None:
-    """Development mode: checks the brokers and applies the topology."""
+def up(
+    check_only: Annotated[
+        bool, typer.Option("--check-only", help="check brokers, apply topology, then exit")
+    ] = False,
+    concurrency: Annotated[int, typer.Option(help="worker slots")] = 4,
+) -> None:
+    """Development mode: checks the brokers, applies the topology, then runs a scheduler, an
+    engine and a worker in this one process until Ctrl-C."""
     settings = settings_or_exit()
     if not _print_checks(settings):
         err_console.print("[red]error:[/red] a broker is down; start them with `scripts/infra up`")
@@ -93,6 +105,26 @@ def up() -> None:
     lines = asyncio.run(_apply_topology(settings))
     console.print(f"topology applied: {len(lines)} objects declared")
     console.print("[green]orchestrator is up[/green]: RabbitMQ, Kafka and Redis answer.")
+    if check_only:
+        return
+    start_metrics_server(settings.metrics_port)
+
+    async def main(stop: asyncio.Event) -> None:
+        redis = store.connect(settings)
+        connection = await connect(settings, "orchestrator-up")
+        try:
+            async with Worker(settings, connection, redis, concurrency=concurrency) as worker:
+                await asyncio.gather(
+                    Scheduler(settings, redis, connection).run(stop),
+                    Engine(settings, redis, connection).run(stop),
+                    worker.run(stop),
+                )
+        finally:
+            await connection.close()
+            await redis.aclose()
+
+    console.print("scheduler, engine and worker running; Ctrl-C stops them")
+    asyncio.run(run_until_signalled(main))
 
 
 @topology_app.command("apply")
@@ -156,6 +188,91 @@ def scheduler(
             await redis.aclose()
 
     asyncio.run(run_until_signalled(main))
+
+
+@app.command()
+def engine() -> None:
+    """Runs an engine replica (run several: any replica continues any execution)."""
+    settings = settings_or_exit()
+    start_metrics_server(settings.metrics_port)
+
+    async def main(stop: asyncio.Event) -> None:
+        redis = store.connect(settings)
+        connection = await connect(settings, "orchestrator-engine")
+        try:
+            await Engine(settings, redis, connection).run(stop)
+        finally:
+            await connection.close()
+            await redis.aclose()
+
+    asyncio.run(run_until_signalled(main))
+
+
+@app.command()
+def worker(
+    pool: Annotated[str, typer.Option(help="worker pool (queue work.<pool>)")] = "default",
+    concurrency: Annotated[int, typer.Option(min=1, max=1000, help="attempts at once")] = 8,
+    steps: Annotated[
+        list[str] | None, typer.Option(help="module(s) whose @step handlers to load")
+    ] = None,
+    grace: Annotated[float, typer.Option(help="seconds to finish in-flight work on SIGTERM")] = 30,
+) -> None:
+    """Runs a step worker with the built-in steps plus those of --steps modules."""
+    settings = settings_or_exit()
+    for module in steps or []:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            err_console.print(f"[red]error:[/red] cannot import step module {module!r}: {exc}")
+            raise typer.Exit(ExitCode.USAGE) from None
+    start_metrics_server(settings.metrics_port)
+
+    async def main(stop: asyncio.Event) -> None:
+        redis = store.connect(settings)
+        connection = await connect(settings, "orchestrator-worker")
+        try:
+            async with Worker(
+                settings, connection, redis, pool=pool, concurrency=concurrency, grace_s=grace
+            ) as running:
+                await running.run(stop)
+        finally:
+            await connection.close()
+            await redis.aclose()
+
+    asyncio.run(run_until_signalled(main))
+
+
+@workers_app.command("list")
+def workers_list() -> None:
+    """Live workers from the registry: id, host, pool, step types, in-flight, last heartbeat."""
+    settings = settings_or_exit()
+
+    async def read() -> list[dict[str, Any]]:
+        redis = store.connect(settings)
+        try:
+            index = f"{settings.redis_prefix}workers"
+            ids = sorted(str(i) for i in await redis.smembers(index))
+            raws = (
+                await redis.mget([f"{settings.redis_prefix}worker:{i}" for i in ids]) if ids else []
+            )
+            gone = [i for i, raw in zip(ids, raws, strict=True) if raw is None]
+            if gone:
+                await redis.srem(index, *gone)
+            return [json.loads(raw) for raw in raws if raw is not None]
+        finally:
+            await redis.aclose()
+
+    table = Table("id", "host", "pool", "steps", "in-flight", "last heartbeat")
+    for entry in asyncio.run(read()):
+        table.add_row(
+            entry["id"],
+            entry["host"],
+            entry["pool"],
+            ", ".join(entry["steps"]),
+            f"{entry['in_flight']}/{entry['concurrency']}",
+            entry["last_heartbeat"],
+        )
+    console.print(table)
 
 
 # ---------------------------------------------------------------- flows

@@ -38,6 +38,13 @@ class Settings(BaseSettings):
     # heartbeat, so a crashed owner never blocks a flow forever.
     running_lease_s: Annotated[float, Field(gt=0, le=86_400)] = 60.0
     idempotency_ttl_s: Annotated[int, Field(ge=60, le=30 * 86_400)] = 86_400
+    # Engine. A step type whose attempts failed this many times in a row opens its circuit
+    # breaker: steps of that type wait (instead of burning retries) for the cool-down.
+    breaker_threshold: Annotated[int, Field(ge=1, le=1000)] = 5
+    breaker_cooldown_s: Annotated[float, Field(gt=0, le=86_400)] = 30.0
+    engine_prefetch: Annotated[int, Field(ge=1, le=10_000)] = 64
+    # Finished executions stay readable in Redis this long (status, outputs), then expire.
+    execution_ttl_s: Annotated[int, Field(ge=60, le=90 * 86_400)] = 7 * 86_400
     # Refuse flow-start requests without an AMQP user_id (the broker-validated tenant).
     require_auth: bool = False
 

@@ -50,7 +50,7 @@ def test_topology_apply_and_up(settings: Settings) -> None:
     assert (
         "binding  orchestrator.dlx --engine.executions--> engine.executions.dlq" in applied.stdout
     )
-    up = _run(settings, "up")
+    up = _run(settings, "up", "--check-only")
     assert up.returncode == 0, up.stderr
     assert "orchestrator is up" in up.stdout
 

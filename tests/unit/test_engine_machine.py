@@ -42,6 +42,7 @@ def result(
     x: Execution,
     step_id: str,
     ok: bool = True,
+    *,
     output: dict[str, Any] | None = None,
     retryable: bool = True,
     kind: str = "action",

@@ -1,0 +1,327 @@
+"""The engine process: starts executions, applies step results and timers, publishes effects."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+
+import redis.asyncio as aioredis
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
+from prometheus_client import Counter
+
+from orchestrator import topology
+from orchestrator.amqp import InvalidMessage, dead_letter, decode, open_channel, publish
+from orchestrator.clock import Clock, SystemClock, from_ms, to_ms
+from orchestrator.config import Settings
+from orchestrator.engine.machine import Effects, Execution, Timer, Transition, new_execution
+from orchestrator.engine.store import ExecutionStore, OutboxEntry
+from orchestrator.store import Keys
+from orchestrator.store.admission import AdmissionStore
+from orchestrator.store.flows import FlowRegistry
+from orchestrator.telemetry import bound_context, get_logger
+from schemas import ExecutionRequested, Message, StatusEvent, StepResult, StepTask
+
+log = get_logger(__name__)
+
+TIMER_BATCH = 500
+MAX_IDLE_S = 0.5
+RETRY_DELAY_S = 1.0
+OUTBOX_SWEEP_S = 5.0
+
+EXECUTIONS = Counter("orchestrator_executions_total", "Executions reaching a state", ["state"])
+REJECTED = Counter(
+    "orchestrator_engine_rejected_total", "Invalid messages dead-lettered", ["reason"]
+)
+
+
+class Engine:
+    def __init__(
+        self,
+        settings: Settings,
+        redis: aioredis.Redis,
+        connection: AbstractRobustConnection,
+        clock: Clock | None = None,
+    ) -> None:
+        self.settings = settings
+        self.redis = redis
+        self.connection = connection
+        self.clock: Clock = clock or SystemClock()
+        keys = Keys(settings.redis_prefix)
+        self.store = ExecutionStore(redis, keys, settings.execution_ttl_s)
+        self.flows = FlowRegistry(redis, keys)
+        self.admission = AdmissionStore(redis, keys)
+        self.cooldown_ms = int(settings.breaker_cooldown_s * 1000)
+        self.lease_ms = int(settings.running_lease_s * 1000)
+        self._channel: AbstractChannel | None = None
+
+    async def channel(self) -> AbstractChannel:
+        if self._channel is None or self._channel.is_closed:
+            self._channel = await open_channel(
+                self.connection, prefetch=self.settings.engine_prefetch
+            )
+        return self._channel
+
+    # ------------------------------------------------------------------ process
+    async def run(self, stop: asyncio.Event) -> None:
+        channel = await self.channel()
+        await topology.apply(channel)
+        consumers = []
+        for name, handler in (
+            (topology.EXECUTIONS_QUEUE, self._on_execution),
+            (topology.RESULTS_QUEUE, self._on_result),
+        ):
+            queue = await channel.get_queue(name)
+            consumers.append((queue, await queue.consume(self._guard(name, handler))))
+        log.info("engine.started")
+        loops = [
+            asyncio.create_task(self._timer_loop(stop)),
+            asyncio.create_task(self._heartbeat_loop(stop)),
+            asyncio.create_task(self._sweep_loop(stop)),
+        ]
+        try:
+            await stop.wait()
+        finally:
+            for queue, tag in consumers:
+                with contextlib.suppress(Exception):
+                    await queue.cancel(tag)
+            for loop in loops:
+                loop.cancel()
+            await asyncio.gather(*loops, return_exceptions=True)
+            log.info("engine.stopped")
+
+    def _guard(
+        self, queue: str, handler: Callable[[AbstractIncomingMessage, str], Awaitable[None]]
+    ) -> Callable[[AbstractIncomingMessage], Awaitable[None]]:
+        async def consume(incoming: AbstractIncomingMessage) -> None:
+            try:
+                await handler(incoming, queue)
+            except Exception:
+                # Infrastructure trouble (Redis, a publish): give the message back after a
+                # pause. Its effects were either committed (and are flushed on redelivery) or not.
+                log.exception("engine.handler_failed", queue=queue, message_id=incoming.message_id)
+                await asyncio.sleep(RETRY_DELAY_S)
+                with contextlib.suppress(Exception):
+                    await incoming.nack(requeue=True)
+
+        return consume
+
+    async def _reject(
+        self, incoming: AbstractIncomingMessage, queue: str, exc: InvalidMessage
+    ) -> None:
+        REJECTED.labels(exc.reason).inc()
+        event = StatusEvent.build(
+            "message",
+            "rejected",
+            event_id=f"rejected:{incoming.message_id or id(incoming)}",
+            data={
+                "queue": queue,
+                "reason": exc.reason,
+                "detail": exc.detail,
+                "message_id": incoming.message_id,
+            },
+        )
+        channel = await self.channel()
+        await publish(channel, event)
+        await dead_letter(channel, incoming, queue, exc.reason, exc.detail)
+
+    # ------------------------------------------------------------------ inputs
+    async def _on_execution(self, incoming: AbstractIncomingMessage, queue: str) -> None:
+        try:
+            request = decode(incoming, ExecutionRequested)
+        except InvalidMessage as exc:
+            await self._reject(incoming, queue, exc)
+            return
+        with bound_context(
+            tenant=request.tenant, flow=request.flow_id, execution=request.execution_id
+        ):
+            await self.start(request)
+        await incoming.ack()
+
+    async def start(self, request: ExecutionRequested) -> None:
+        definition = await self.flows.get(request.tenant, request.flow_id)
+        if definition is None:
+            await self._fail_unknown_flow(request)
+            return
+        now = self.clock.now()
+
+        async def mutate(current: Execution | None) -> tuple[Execution, Effects] | None:
+            if current is not None:
+                return None  # a duplicate request: the execution exists
+            execution = new_execution(
+                execution_id=request.execution_id,
+                fire_id=request.fire_id,
+                definition=definition,
+                execution_input=request.input,
+                now=now,
+            )
+            transition = Transition(execution, now)
+            transition.start()
+            await self._apply_breakers(transition)
+            EXECUTIONS.labels("started").inc()
+            return execution, transition.effects
+
+        await self.store.transact(request.execution_id, mutate)
+        await self._flush(request.execution_id)
+
+    async def _fail_unknown_flow(self, request: ExecutionRequested) -> None:
+        event = StatusEvent.build(
+            "execution",
+            "failed",
+            event_id=f"{request.execution_id}:unknown-flow",
+            tenant=request.tenant,
+            flow=request.flow_id,
+            subject=request.execution_id,
+            sequence=1,
+            data={"failure": {"reason": "unknown_flow", "detail": "the flow was deleted"}},
+        )
+        await publish(await self.channel(), event)
+        flow = f"{request.tenant}/{request.flow_id}"
+        await self.admission.release_running(flow, request.execution_id)
+
+    async def _on_result(self, incoming: AbstractIncomingMessage, queue: str) -> None:
+        try:
+            result = decode(incoming, StepResult)
+        except InvalidMessage as exc:
+            await self._reject(incoming, queue, exc)
+            return
+        with bound_context(
+            tenant=result.tenant, flow=result.flow_id, execution=result.execution_id
+        ):
+            await self.apply_result(result)
+        await incoming.ack()
+
+    async def apply_result(self, result: StepResult) -> None:
+        now = self.clock.now()
+        recorded = False
+
+        async def mutate(current: Execution | None) -> tuple[Execution, Effects] | None:
+            nonlocal recorded
+            if current is None:
+                return None
+            transition = Transition(current, now)
+            effects = transition.result(result)
+            if not effects:
+                return None
+            if result.kind == "action" and not recorded:
+                recorded = True
+                step_type = current.definition.step(result.step_id).type
+                await self.store.breaker_record(
+                    step_type,
+                    success=result.outcome == "succeeded",
+                    now_ms=to_ms(now),
+                    threshold=self.settings.breaker_threshold,
+                    cooldown_ms=self.cooldown_ms,
+                )
+            await self._apply_breakers(transition)
+            self._count(current)
+            return current, transition.effects
+
+        await self.store.transact(result.execution_id, mutate)
+        await self._flush(result.execution_id)
+
+    async def fire_timer(self, member: str) -> None:
+        execution_id, kind, step_id, attempt = member.split("|")
+        now = self.clock.now()
+        timer = Timer(kind, step_id, int(attempt), now)  # type: ignore[arg-type]
+
+        async def mutate(current: Execution | None) -> tuple[Execution, Effects] | None:
+            if current is None:
+                return None
+            transition = Transition(current, now)
+            effects = transition.timer(timer)
+            if not effects:
+                return None
+            await self._apply_breakers(transition)
+            self._count(current)
+            return current, transition.effects
+
+        await self.store.transact(execution_id, mutate)
+        await self._flush(execution_id)
+        await self.store.drop_timer(member)
+
+    async def _apply_breakers(self, transition: Transition) -> None:
+        """Holds back dispatches whose step type's circuit breaker is open."""
+        for task in list(transition.effects.tasks):
+            if task.kind != "action":
+                continue  # compensations always run: they undo work
+            retry_at = await self.store.breaker_acquire(
+                task.step_type, to_ms(transition.now), self.cooldown_ms
+            )
+            if retry_at:
+                transition.defer(task.step_id, from_ms(retry_at))
+
+    @staticmethod
+    def _count(execution: Execution) -> None:
+        if execution.terminal:
+            EXECUTIONS.labels(execution.status).inc()
+
+    # ------------------------------------------------------------------ effects
+    async def _flush(self, execution_id: str) -> None:
+        if not await self.store.flush(execution_id, self._send):
+            raise TimeoutError(f"outbox of {execution_id} is held by another engine")
+
+    async def _send(self, entry: OutboxEntry) -> None:
+        channel = await self.channel()
+        message: Message
+        if entry.kind == "task":
+            message = StepTask.model_validate_json(entry.body)
+            await publish(channel, message)
+        elif entry.kind == "status":
+            message = StatusEvent.model_validate_json(entry.body)
+            await publish(channel, message)
+        else:
+            await self.admission.release_running(entry.body, entry.extra)
+
+    # ------------------------------------------------------------------ loops
+    async def _timer_loop(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                due = await self.store.due_timers(to_ms(self.clock.now()), TIMER_BATCH)
+                await asyncio.gather(*(self._guarded_timer(member) for member in due))
+                if due:
+                    continue
+                next_ms = await self.store.next_timer_ms()
+            except (OSError, aioredis.RedisError) as exc:
+                log.warning("engine.timers_failed", error=repr(exc))
+                next_ms = None
+            wait_s = MAX_IDLE_S if next_ms is None else (next_ms - to_ms(self.clock.now())) / 1000
+            await _sleep_or_stop(self.clock, min(max(wait_s, 0.0), MAX_IDLE_S), stop)
+
+    async def _guarded_timer(self, member: str) -> None:
+        try:
+            await self.fire_timer(member)
+        except Exception:
+            log.exception("engine.timer_failed", timer=member)  # it comes back after its lease
+
+    async def _heartbeat_loop(self, stop: asyncio.Event) -> None:
+        """Keeps the running leases of live executions from expiring (overlap protection)."""
+        interval = max(0.5, self.settings.running_lease_s / 3)
+        while not stop.is_set():
+            try:
+                for execution_id, flow in (await self.store.live()).items():
+                    await self.admission.extend_running(flow, execution_id, self.lease_ms)
+            except (OSError, aioredis.RedisError) as exc:
+                log.warning("engine.heartbeat_failed", error=repr(exc))
+            await _sleep_or_stop(self.clock, interval, stop)
+
+    async def _sweep_loop(self, stop: asyncio.Event) -> None:
+        """Flushes outboxes a crashed engine left behind where no redelivery will come."""
+        while not stop.is_set():
+            await _sleep_or_stop(self.clock, OUTBOX_SWEEP_S, stop)
+            try:
+                for execution_id in await self.store.pending_outboxes():
+                    await self.store.flush(execution_id, self._send)
+            except Exception:
+                log.exception("engine.sweep_failed")
+
+    async def execution(self, execution_id: str) -> Execution | None:
+        return await self.store.load(execution_id)
+
+
+async def _sleep_or_stop(clock: Clock, seconds: float, stop: asyncio.Event) -> None:
+    sleeper = asyncio.ensure_future(clock.sleep(seconds))
+    stopper = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({sleeper, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    for future in (sleeper, stopper):
+        future.cancel()

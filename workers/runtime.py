@@ -1,0 +1,335 @@
+"""The worker runtime: handlers registered by decorator, run with concurrency, measured,
+answered with a StepResult, acked only after the result is confirmed."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import json
+import os
+import socket
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import redis.asyncio as aioredis
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
+from prometheus_client import Counter, Histogram
+
+from orchestrator import topology
+from orchestrator.amqp import InvalidMessage, dead_letter, decode, open_channel, publish
+from orchestrator.config import Settings
+from orchestrator.telemetry import bound_context, get_logger
+from schemas import StatusEvent, StepResult, StepTask, UsageEvent
+from schemas.steps import StepError
+from workers.usage import Metered, UsageReporter, rss_bytes
+
+log = get_logger(__name__)
+
+HEARTBEAT_S = 5.0
+# A worker missing for this many heartbeats drops out of `orchestrator workers list`.
+HEARTBEAT_TTL_S = 3 * HEARTBEAT_S
+
+ATTEMPTS = Counter(
+    "orchestrator_step_attempts_total",
+    "Step attempts by type and outcome",
+    ["step_type", "outcome"],
+)
+DURATION = Histogram("orchestrator_step_seconds", "Wall time of step attempts", ["step_type"])
+
+
+class StepFailed(Exception):
+    """Raise from a handler to fail the attempt with a chosen type and retryability."""
+
+    def __init__(
+        self, message: str, *, retryable: bool = True, error_type: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+        self.error_type = error_type or type(self).__name__
+
+
+@dataclass
+class StepContext:
+    task: StepTask
+    worker_id: str
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+    @property
+    def input(self) -> dict[str, Any]:
+        return self.task.input
+
+    @property
+    def idempotency_key(self) -> str:
+        """Stable across redeliveries of the same attempt: use it for side effects."""
+        return self.task.task_id
+
+
+Handler = Callable[[StepContext], Awaitable[dict[str, Any] | None] | dict[str, Any] | None]
+
+
+@dataclass
+class StepRegistry:
+    handlers: dict[str, Handler] = field(default_factory=dict)
+
+    def step(self, name: str) -> Callable[[Handler], Handler]:
+        def register(handler: Handler) -> Handler:
+            if name in self.handlers and self.handlers[name] is not handler:
+                raise ValueError(f"step type {name!r} is registered twice")
+            self.handlers[name] = handler
+            return handler
+
+        return register
+
+
+registry = StepRegistry()
+step = registry.step
+
+
+@dataclass
+class Attempt:
+    output: dict[str, Any] | None = None
+    error: StepError | None = None
+    outcome: str = "succeeded"
+    cpu_s: float = 0.0
+    wall_s: float = 0.0
+    memory: int = 0
+
+
+class Worker:
+    """Consumes `work.<pool>`; use as `async with Worker(...) as w: await w.run(stop)`."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        connection: AbstractRobustConnection,
+        redis: aioredis.Redis,
+        steps: StepRegistry = registry,
+        *,
+        pool: str = topology.DEFAULT_POOL,
+        concurrency: int = 8,
+        worker_id: str | None = None,
+        grace_s: float = 30.0,
+        usage: UsageReporter | None = None,
+    ) -> None:
+        self.settings = settings
+        self.connection = connection
+        self.redis = redis
+        self.steps = steps
+        self.pool = pool
+        self.concurrency = concurrency
+        self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
+        self.grace_s = grace_s
+        self.usage = usage or UsageReporter(settings.kafka_servers, settings.usage_topic)
+        self.threads = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="step")
+        self.in_flight: dict[str, asyncio.Task[None]] = {}
+        self._channel: AbstractChannel | None = None
+        self._registry_key = f"{settings.redis_prefix}worker:{self.worker_id}"
+        self._registry_index = f"{settings.redis_prefix}workers"
+
+    async def __aenter__(self) -> Worker:
+        self._channel = await open_channel(self.connection, prefetch=self.concurrency)
+        await topology.apply(self._channel, topology.build_topology((self.pool,)))
+        await self.usage.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.usage.stop()
+        self.threads.shutdown(wait=False, cancel_futures=True)
+        with contextlib.suppress(Exception):
+            await self.redis.delete(self._registry_key)
+            await self.redis.srem(self._registry_index, self.worker_id)
+
+    @property
+    def channel(self) -> AbstractChannel:
+        assert self._channel is not None, "use the worker as an async context manager"
+        return self._channel
+
+    async def run(self, stop: asyncio.Event) -> None:
+        queue = await self.channel.get_queue(topology.work_queue_name(self.pool))
+        tag = await queue.consume(self._on_message)
+        heartbeat = asyncio.create_task(self._heartbeat_loop(stop))
+        log.info(
+            "worker.started",
+            worker=self.worker_id,
+            pool=self.pool,
+            steps=sorted(self.steps.handlers),
+        )
+        await stop.wait()
+        # Graceful drain: take no more work, let in-flight attempts finish within the grace
+        # period, give back (requeue) whatever is still running after it.
+        with contextlib.suppress(Exception):
+            await queue.cancel(tag)
+        if self.in_flight:
+            log.info("worker.draining", in_flight=len(self.in_flight))
+            _, pending = await asyncio.wait(set(self.in_flight.values()), timeout=self.grace_s)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        heartbeat.cancel()
+        await asyncio.gather(heartbeat, return_exceptions=True)
+        log.info("worker.stopped", worker=self.worker_id)
+
+    async def _heartbeat_loop(self, stop: asyncio.Event) -> None:
+        """The worker registry (service discovery): one key per worker, expiring if it dies."""
+        while not stop.is_set():
+            entry = {
+                "id": self.worker_id,
+                "host": socket.gethostname(),
+                "pool": self.pool,
+                "steps": sorted(self.steps.handlers),
+                "concurrency": self.concurrency,
+                "in_flight": len(self.in_flight),
+                "last_heartbeat": datetime.now(UTC).isoformat(),
+            }
+            try:
+                async with self.redis.pipeline(transaction=True) as pipe:
+                    pipe.set(self._registry_key, json.dumps(entry), ex=int(HEARTBEAT_TTL_S))
+                    pipe.sadd(self._registry_index, self.worker_id)
+                    await pipe.execute()
+            except (OSError, aioredis.RedisError) as exc:
+                log.warning("worker.heartbeat_failed", error=repr(exc))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), HEARTBEAT_S)
+
+    async def _on_message(self, incoming: AbstractIncomingMessage) -> None:
+        task = asyncio.current_task()
+        key = incoming.message_id or str(id(incoming))
+        if task is not None:
+            self.in_flight[key] = task
+        try:
+            await self._handle(incoming)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await incoming.nack(requeue=True)  # given back during drain
+            raise
+        except Exception:
+            log.exception("worker.handle_failed", message_id=incoming.message_id)
+            await asyncio.sleep(1.0)
+            with contextlib.suppress(Exception):
+                await incoming.nack(requeue=True)
+        finally:
+            self.in_flight.pop(key, None)
+
+    async def _handle(self, incoming: AbstractIncomingMessage) -> None:
+        queue = topology.work_queue_name(self.pool)
+        try:
+            task = decode(incoming, StepTask)
+        except InvalidMessage as exc:
+            event = StatusEvent.build(
+                "message",
+                "rejected",
+                event_id=f"rejected:{incoming.message_id or uuid.uuid4().hex}",
+                data={"queue": queue, "reason": exc.reason, "detail": exc.detail},
+            )
+            await publish(self.channel, event)
+            await dead_letter(self.channel, incoming, queue, exc.reason, exc.detail)
+            return
+        with bound_context(tenant=task.tenant, flow=task.flow_id, execution=task.execution_id):
+            started_at = datetime.now(UTC)
+            context = StepContext(task, self.worker_id, bytes_in=len(incoming.body))
+            attempt = await self._run(context)
+            result = StepResult(
+                task_id=task.task_id,
+                execution_id=task.execution_id,
+                tenant=task.tenant,
+                flow_id=task.flow_id,
+                step_id=task.step_id,
+                kind=task.kind,
+                attempt=task.attempt,
+                outcome="succeeded" if attempt.error is None else "failed",
+                output=attempt.output,
+                error=attempt.error,
+                worker_id=self.worker_id,
+                started_at=started_at,
+            )
+            body = result.to_bytes()
+            await publish(self.channel, result)
+            await incoming.ack()  # only now: the result is safe with the broker
+            ATTEMPTS.labels(task.step_type, attempt.outcome).inc()
+            DURATION.labels(task.step_type).observe(attempt.wall_s)
+            self.usage.report(
+                UsageEvent(
+                    event_id=task.task_id,
+                    tenant=task.tenant,
+                    flow_id=task.flow_id,
+                    execution_id=task.execution_id,
+                    step_id=task.step_id,
+                    step_type=task.step_type,
+                    attempt=task.attempt,
+                    worker_id=self.worker_id,
+                    pool=self.pool,
+                    outcome=attempt.outcome,
+                    wall_s=attempt.wall_s,
+                    cpu_s=attempt.cpu_s,
+                    peak_memory_bytes=attempt.memory,
+                    bytes_in=context.bytes_in,
+                    bytes_out=context.bytes_out + len(body),
+                    started_at=started_at,
+                    finished_at=result.finished_at,
+                )
+            )
+
+    async def _run(self, context: StepContext) -> Attempt:
+        task = context.task
+        handler = self.steps.handlers.get(task.step_type)
+        attempt = Attempt()
+        if handler is None:
+            attempt.error = StepError(
+                type="UnknownStepType",
+                message=f"no handler for step type {task.step_type!r} in pool {self.pool!r}",
+                retryable=False,
+            )
+            attempt.outcome = "failed"
+            return attempt
+        rss_before = rss_bytes()
+        started = time.perf_counter()
+        try:
+            if inspect.iscoroutinefunction(handler):
+                metered = Metered(handler(context))
+                try:
+                    output = await asyncio.wait_for(_await(metered), task.timeout_s)
+                finally:
+                    attempt.cpu_s = metered.cpu_s
+            else:
+                output, attempt.cpu_s = await asyncio.wait_for(
+                    asyncio.get_running_loop().run_in_executor(
+                        self.threads, _call_sync, handler, context
+                    ),
+                    task.timeout_s,
+                )
+            attempt.output = output if isinstance(output, dict) else {"result": output}
+        except TimeoutError:
+            attempt.outcome = "timeout"
+            attempt.error = StepError(
+                type="StepTimeout", message=f"the step ran over {task.timeout_s}s", retryable=True
+            )
+        except StepFailed as exc:
+            attempt.outcome = "failed"
+            attempt.error = StepError(
+                type=exc.error_type, message=str(exc)[:1000], retryable=exc.retryable
+            )
+        except Exception as exc:
+            attempt.outcome = "failed"
+            attempt.error = StepError(
+                type=type(exc).__name__, message=str(exc)[:1000], retryable=True
+            )
+        attempt.wall_s = time.perf_counter() - started
+        attempt.memory = max(0, rss_bytes() - rss_before)
+        return attempt
+
+
+async def _await(metered: Metered) -> Any:
+    return await metered
+
+
+def _call_sync(handler: Handler, context: StepContext) -> tuple[Any, float]:
+    started = time.thread_time()
+    output = handler(context)
+    return output, time.thread_time() - started

@@ -1,0 +1,150 @@
+"""Measuring one step attempt (CPU, wall, memory, bytes) and shipping it to Kafka.
+
+The reporter never blocks or fails a step: events go into a bounded buffer that a background
+task sends in batches; while Kafka is down the buffer holds them (and, when full, drops the
+oldest, counting the loss) and the sender keeps retrying.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections import deque
+from collections.abc import Awaitable, Generator
+from typing import Any, TypeVar
+
+from aiokafka import AIOKafkaProducer
+from prometheus_client import Counter
+
+from orchestrator.telemetry import get_logger
+from schemas import UsageEvent
+
+log = get_logger(__name__)
+T = TypeVar("T")
+
+BUFFER_LIMIT = 10_000
+BATCH = 500
+RETRY_S = 1.0
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+USAGE_SENT = Counter("orchestrator_usage_events_sent_total", "Usage events acknowledged by Kafka")
+USAGE_DROPPED = Counter(
+    "orchestrator_usage_events_dropped_total", "Usage events lost to a full buffer"
+)
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * PAGE
+
+
+class Metered:
+    """Awaits a coroutine while adding up the CPU time of *its own* steps (thread CPU time
+    around each resumption), so concurrent handlers do not inflate each other's figures."""
+
+    def __init__(self, awaitable: Awaitable[T]) -> None:
+        self.awaitable = awaitable
+        self.cpu_s = 0.0
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        inner = self.awaitable.__await__()
+        send_value: Any = None
+        throw: BaseException | None = None
+        while True:
+            started = time.thread_time()
+            try:
+                yielded = inner.throw(throw) if throw is not None else inner.send(send_value)
+            except StopIteration as stop:
+                self.cpu_s += time.thread_time() - started
+                return stop.value
+            finally:
+                throw = None
+            self.cpu_s += time.thread_time() - started
+            try:
+                send_value = yield yielded
+            except BaseException as exc:  # cancellation and errors go into the handler
+                throw = exc
+                send_value = None
+
+
+class UsageReporter:
+    def __init__(self, bootstrap: list[str], topic: str, buffer_limit: int = BUFFER_LIMIT) -> None:
+        self.bootstrap = bootstrap
+        self.topic = topic
+        self.buffer: deque[UsageEvent] = deque()
+        self.buffer_limit = buffer_limit
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._producer: AIOKafkaProducer | None = None
+        self._closing = False
+
+    def report(self, event: UsageEvent) -> None:
+        if len(self.buffer) >= self.buffer_limit:
+            self.buffer.popleft()
+            USAGE_DROPPED.inc()
+        self.buffer.append(event)
+        self._wake.set()
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._send_loop())
+
+    async def stop(self, timeout_s: float = 5.0) -> None:
+        """Sends what is buffered (within `timeout_s`), then closes the producer."""
+        self._closing = True
+        self._wake.set()
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), timeout_s)
+            except TimeoutError:
+                self._task.cancel()
+                log.warning("usage.unsent_at_stop", events=len(self.buffer))
+        if self._producer is not None:
+            await self._producer.stop()
+
+    async def _producer_ready(self) -> AIOKafkaProducer:
+        if self._producer is None:
+            producer = AIOKafkaProducer(
+                bootstrap_servers=self.bootstrap,
+                acks="all",
+                linger_ms=20,
+                enable_idempotence=True,
+                request_timeout_ms=10_000,
+            )
+            try:
+                await producer.start()
+            except Exception:
+                await producer.stop()
+                raise
+            self._producer = producer
+        return self._producer
+
+    async def _send_loop(self) -> None:
+        while True:
+            if not self.buffer:
+                if self._closing:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            batch = [self.buffer[i] for i in range(min(BATCH, len(self.buffer)))]
+            try:
+                producer = await self._producer_ready()
+                futures = [
+                    await producer.send(self.topic, e.to_bytes(), key=e.tenant.encode())
+                    for e in batch
+                ]
+                await asyncio.gather(*futures)
+            except Exception as exc:
+                log.warning("usage.send_failed", error=repr(exc), buffered=len(self.buffer))
+                if self._producer is not None:
+                    producer, self._producer = self._producer, None
+                    await producer.stop()
+                if self._closing:
+                    return
+                await asyncio.sleep(RETRY_S)
+                continue
+            for _ in batch:
+                if self.buffer:
+                    self.buffer.popleft()
+            USAGE_SENT.inc(len(batch))
