@@ -23,7 +23,10 @@ from dataclasses import dataclass
 
 import pytest
 import pytest_asyncio
+from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
+from orchestrator import topology
+from orchestrator.amqp import connect, open_channel
 from orchestrator.config import Settings
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -165,5 +168,21 @@ async def redis_client(settings: Settings) -> AsyncIterator[object]:
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if "/integration/" in str(item.fspath) or "/e2e/" in str(item.fspath):
+        if any(part in str(item.fspath) for part in ("/integration/", "/e2e/", "/chaos/")):
             item.add_marker(pytest.mark.integration)
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def amqp(settings: Settings) -> AsyncIterator[AbstractRobustConnection]:
+    connection = await connect(settings, "tests")
+    async with connection:
+        yield connection
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def channel(amqp: AbstractRobustConnection) -> AsyncIterator[AbstractChannel]:
+    channel = await open_channel(amqp)
+    await topology.apply(channel)
+    yield channel
+    if not channel.is_closed:
+        await channel.close()

@@ -1,0 +1,158 @@
+"""kill -9 in the middle of work: a worker mid-step, an engine under 200 executions."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import uuid
+from collections import defaultdict
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from aio_pika.abc import AbstractChannel
+
+from orchestrator import store, topology
+from orchestrator.amqp import publish
+from orchestrator.config import Settings
+from orchestrator.engine.store import ExecutionStore
+from orchestrator.store.flows import FlowRegistry
+from schemas import ExecutionRequested, FlowDefinition
+from tests.integration.helpers import body, drain, fresh_settings, get_one, purged
+from tests.integration.processes import spawn, stop_all
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+
+async def _prepare(settings: Settings, channel: AbstractChannel, flow: dict[str, Any]) -> Any:
+    for name in (
+        topology.EXECUTIONS_QUEUE,
+        topology.RESULTS_QUEUE,
+        topology.work_queue_name("default"),
+    ):
+        await purged(channel, name)
+    redis = store.connect(settings)
+    definition = FlowDefinition.model_validate({"tenant": "acme", "overlap": "allow", **flow})
+    await FlowRegistry(redis, store.Keys(settings.redis_prefix)).apply(
+        [definition], datetime.now(UTC)
+    )
+    return redis
+
+
+async def _request(channel: AbstractChannel, flow_id: str) -> str:
+    execution_id = str(uuid.uuid4())
+    await publish(
+        channel,
+        ExecutionRequested(
+            execution_id=execution_id,
+            fire_id=f"acme/{flow_id}#{execution_id}",
+            tenant="acme",
+            flow_id=flow_id,
+            trigger="manual",
+        ),
+    )
+    return execution_id
+
+
+async def _cleanup(redis: Any, settings: Settings) -> None:
+    async for key in redis.scan_iter(match=f"{settings.redis_prefix}*"):
+        await redis.delete(key)
+    await redis.aclose()
+
+
+async def test_killed_worker_step_is_redelivered_and_execution_succeeds(
+    settings: Settings, channel: AbstractChannel
+) -> None:
+    test_settings = fresh_settings(settings)
+    flow = {"id": "slow", "steps": [{"id": "a", "type": "demo.sleep", "input": {"ms": 3000}}]}
+    redis = await _prepare(test_settings, channel, flow)
+    feed = await channel.declare_queue(exclusive=True)
+    await feed.bind(topology.STATUS, routing_key="acme.slow.#")
+    engine = spawn(test_settings, "engine")
+    first = spawn(test_settings, "worker", "--concurrency", "2")
+    processes = [engine, first]
+    try:
+        await asyncio.sleep(2.0)
+        execution_id = await _request(channel, "slow")
+        # Wait until the worker holds the step: the registry says so in its heartbeat, the
+        # work queue says so in its unacked count. A 3 s step leaves time for both.
+        work = await channel.get_queue(topology.work_queue_name("default"))
+        dispatched = body(await get_one(feed, wait_s=30))
+        assert dispatched["type"].endswith("execution.started")
+        await asyncio.sleep(1.5)
+        declared = await channel.declare_queue(work.name, passive=True)
+        assert declared.declaration_result.message_count == 0  # taken, not waiting
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=10)
+        second = spawn(test_settings, "worker", "--concurrency", "2")
+        processes.append(second)
+        events = []
+        while True:
+            event = body(await get_one(feed, wait_s=60))
+            events.append(event)
+            if event["type"].startswith("io.orchestrator.execution.") and not event[
+                "type"
+            ].endswith("started"):
+                break
+        assert events[-1]["type"] == "io.orchestrator.execution.succeeded"
+        # The same attempt was redelivered (no retry was needed), and a live worker ran it.
+        assert [e for e in events if e["type"].endswith("step.retrying")] == []
+        started = [e for e in events if e["type"].endswith("step.started")]
+        assert started[0]["data"]["attempt"] == 1
+        assert execution_id == events[-1]["subject"]
+    finally:
+        stop_all(processes)
+        await _cleanup(redis, test_settings)
+
+
+async def test_killed_engine_under_load_every_execution_ends_once(
+    settings: Settings, channel: AbstractChannel
+) -> None:
+    test_settings = fresh_settings(settings)
+    flow = {
+        "id": "chain",
+        "steps": [
+            {"id": "a", "type": "demo.echo"},
+            {"id": "b", "type": "demo.sleep", "depends_on": ["a"], "input": {"ms": 20}},
+        ],
+    }
+    redis = await _prepare(test_settings, channel, flow)
+    feed = await channel.declare_queue(exclusive=True)
+    await feed.bind(topology.STATUS, routing_key="acme.chain.execution.*")
+    engines = [spawn(test_settings, "engine") for _ in range(2)]
+    workers = [spawn(test_settings, "worker", "--concurrency", "16") for _ in range(2)]
+    executions: list[str] = []
+    try:
+        await asyncio.sleep(2.5)
+        executions = [await _request(channel, "chain") for _ in range(200)]
+        await asyncio.sleep(1.0)
+        engines[0].send_signal(signal.SIGKILL)
+        engines[0].wait(timeout=10)
+        engine_store = ExecutionStore(redis, store.Keys(test_settings.redis_prefix), 3600)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 120
+        states: dict[str, str] = {}
+        while loop.time() < deadline:
+            for execution_id in executions:
+                if states.get(execution_id) in ("succeeded", "failed", "compensated"):
+                    continue
+                execution = await engine_store.load(execution_id)
+                states[execution_id] = execution.status if execution else "missing"
+            if all(s in ("succeeded", "failed", "compensated") for s in states.values()):
+                break
+            await asyncio.sleep(0.5)
+        unfinished = {
+            e: s for e, s in states.items() if s not in ("succeeded", "failed", "compensated")
+        }
+        assert unfinished == {}, f"{len(unfinished)} executions did not finish"
+        terminal: dict[str, set[str]] = defaultdict(set)
+        for message in await drain(feed, settle_s=2.0):
+            event = body(message)
+            state = event["type"].rsplit(".", 1)[1]
+            if state != "started":
+                terminal[event["subject"]].add(state)
+        assert set(terminal) == set(executions)
+        assert all(states_seen == {"succeeded"} for states_seen in terminal.values()), terminal
+    finally:
+        stop_all(engines + workers)
+        await _cleanup(redis, test_settings)

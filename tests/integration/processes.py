@@ -1,0 +1,41 @@
+"""Running real `orchestrator` processes from tests, to kill them like production would."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from orchestrator.config import Settings
+
+
+def process_env(settings: Settings, **extra: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        "ORCH_RABBITMQ_URL": str(settings.rabbitmq_url),
+        "ORCH_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+        "ORCH_REDIS_URL": str(settings.redis_url),
+        "ORCH_REDIS_PREFIX": settings.redis_prefix,
+        "ORCH_LOG_LEVEL": "WARNING",
+        **extra,
+    }
+
+
+def spawn(settings: Settings, *args: str, **extra: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", *args],
+        env=process_env(settings, **extra),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def stop_all(processes: list[subprocess.Popen[bytes]]) -> None:
+    for process in processes:
+        if process.poll() is None:
+            process.terminate()
+    for process in processes:
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
