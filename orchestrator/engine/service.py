@@ -261,17 +261,26 @@ class Engine:
         if not await self.store.flush(execution_id, self._send):
             raise TimeoutError(f"outbox of {execution_id} is held by another engine")
 
-    async def _send(self, entry: OutboxEntry) -> None:
+    async def _send(self, entries: list[OutboxEntry]) -> None:
+        """Publishes the entries in order and waits for all their confirms. The publishes are
+        started one after another on one channel, so the broker receives them in order; only
+        the waits for confirms overlap."""
         channel = await self.channel()
-        message: Message
-        if entry.kind == "task":
-            message = StepTask.model_validate_json(entry.body)
-            await publish(channel, message)
-        elif entry.kind == "status":
-            message = StatusEvent.model_validate_json(entry.body)
-            await publish(channel, message)
-        else:
-            await self.admission.release_running(entry.body, entry.extra)
+        publishes = []
+        for entry in entries:
+            message: Message
+            if entry.kind == "task":
+                message = StepTask.model_validate_json(entry.body)
+            elif entry.kind == "status":
+                message = StatusEvent.model_validate_json(entry.body)
+            else:
+                continue
+            publishes.append(asyncio.ensure_future(publish(channel, message)))
+            await asyncio.sleep(0)  # let it write its frames before the next one starts
+        await asyncio.gather(*publishes)
+        for entry in entries:
+            if entry.kind == "release":
+                await self.admission.release_running(entry.body, entry.extra)
 
     # ------------------------------------------------------------------ loops
     async def _timer_loop(self, stop: asyncio.Event) -> None:

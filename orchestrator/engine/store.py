@@ -160,7 +160,7 @@ class ExecutionStore:
             pipe.zrem(self.keys.timers, f"{eid}|{timer_key}")
 
     async def flush(
-        self, execution_id: str, send: Callable[[OutboxEntry], Awaitable[None]]
+        self, execution_id: str, send_all: Callable[[list[OutboxEntry]], Awaitable[None]]
     ) -> bool:
         """Carries out the execution's pending effects in order. False if another process held
         the flush lock for too long (the caller then retries later)."""
@@ -177,11 +177,11 @@ class ExecutionStore:
                 return False
         try:
             while True:
-                raw = await self.redis.lindex(outbox, 0)
-                if raw is None:
+                raws = await self.redis.lrange(outbox, 0, -1)
+                if not raws:
                     return True
-                await send(OutboxEntry.decode(str(raw)))
-                await self.redis.lpop(outbox)
+                await send_all([OutboxEntry.decode(str(raw)) for raw in raws])
+                await self.redis.ltrim(outbox, len(raws), -1)
         finally:
             if await self.redis.get(lock) == token:
                 await self.redis.delete(lock)
