@@ -1,0 +1,1 @@
+"""The dispatcher: owns fairness. Per-tenant queues in, work queues out, by weighted SFQ."""
