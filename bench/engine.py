@@ -163,7 +163,11 @@ async def run(args: argparse.Namespace) -> None:
         ceiling = await raw_ceiling(settings, args.throughput * 3)
         harness = Harness(settings)
         await harness.setup()
-        processes = [spawn(settings, "engine"), spawn(settings, "worker", "--concurrency", "4")]
+        processes = [
+            spawn(settings, "engine"),
+            spawn(settings, "dispatcher"),
+            spawn(settings, "worker", "--concurrency", "4"),
+        ]
         try:
             await asyncio.sleep(3)
             await harness.batch("single", 20, sequential=False)  # warm-up

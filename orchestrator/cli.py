@@ -6,6 +6,7 @@ import asyncio
 import importlib
 import json
 import uuid
+from datetime import UTC, datetime, timedelta
 from enum import IntEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -19,6 +20,7 @@ from orchestrator import apidoc, store, topology
 from orchestrator.amqp import connect, open_channel, publish
 from orchestrator.clock import SystemClock, from_ms
 from orchestrator.config import ConfigError, Settings, load_settings
+from orchestrator.dispatcher.service import Dispatcher
 from orchestrator.engine.service import Engine
 from orchestrator.flowfiles import FlowFileError, load_flow_files
 from orchestrator.health import check_all
@@ -26,8 +28,9 @@ from orchestrator.runtime import run_until_signalled
 from orchestrator.scheduler.service import Scheduler
 from orchestrator.store.admission import AdmissionStore
 from orchestrator.store.flows import FlowRegistry
+from orchestrator.store.tenants import TenantStore
 from orchestrator.telemetry import configure_logging, start_metrics_server
-from schemas import FlowStartRequested
+from schemas import FlowStartRequested, PenaltyCommand, QuarantineCommand, ReleaseCommand
 from workers import Worker
 from workers import builtin as _builtin_steps  # noqa: F401 - registers the demo.* step types
 
@@ -47,6 +50,8 @@ schemas_app = typer.Typer(help="Message contracts (JSON Schema, AsyncAPI).", no_
 flows_app = typer.Typer(help="Register and operate flows.", no_args_is_help=True)
 workers_app = typer.Typer(help="The worker registry.", no_args_is_help=True)
 app.add_typer(workers_app, name="workers")
+tenants_app = typer.Typer(help="Tenant weights, penalties and quarantines.", no_args_is_help=True)
+app.add_typer(tenants_app, name="tenants")
 app.add_typer(topology_app, name="topology")
 app.add_typer(schemas_app, name="schemas")
 app.add_typer(flows_app, name="flows")
@@ -97,7 +102,7 @@ def up(
     concurrency: Annotated[int, typer.Option(help="worker slots")] = 4,
 ) -> None:
     """Development mode: checks the brokers, applies the topology, then runs a scheduler, an
-    engine and a worker in this one process until Ctrl-C."""
+    engine, a dispatcher and a worker in this one process until Ctrl-C."""
     settings = settings_or_exit()
     if not _print_checks(settings):
         err_console.print("[red]error:[/red] a broker is down; start them with `scripts/infra up`")
@@ -117,13 +122,14 @@ def up(
                 await asyncio.gather(
                     Scheduler(settings, redis, connection).run(stop),
                     Engine(settings, redis, connection).run(stop),
+                    Dispatcher(settings, redis, connection).run(stop),
                     worker.run(stop),
                 )
         finally:
             await connection.close()
             await redis.aclose()
 
-    console.print("scheduler, engine and worker running; Ctrl-C stops them")
+    console.print("scheduler, engine, dispatcher and worker running; Ctrl-C stops them")
     asyncio.run(run_until_signalled(main))
 
 
@@ -209,6 +215,24 @@ def engine() -> None:
 
 
 @app.command()
+def dispatcher() -> None:
+    """Runs a dispatcher (run two: one is active, the other takes over within seconds)."""
+    settings = settings_or_exit()
+    start_metrics_server(settings.metrics_port)
+
+    async def main(stop: asyncio.Event) -> None:
+        redis = store.connect(settings)
+        connection = await connect(settings, "orchestrator-dispatcher")
+        try:
+            await Dispatcher(settings, redis, connection).run(stop)
+        finally:
+            await connection.close()
+            await redis.aclose()
+
+    asyncio.run(run_until_signalled(main))
+
+
+@app.command()
 def worker(
     pool: Annotated[str, typer.Option(help="worker pool (queue work.<pool>)")] = "default",
     concurrency: Annotated[int, typer.Option(min=1, max=1000, help="attempts at once")] = 8,
@@ -273,6 +297,154 @@ def workers_list() -> None:
             entry["last_heartbeat"],
         )
     console.print(table)
+
+
+# ---------------------------------------------------------------- tenants
+async def _tenant_store(settings: Settings, action: Any) -> Any:
+    redis: aioredis.Redis = store.connect(settings)
+    try:
+        return await action(TenantStore(redis, store.Keys(settings.redis_prefix)))
+    finally:
+        await redis.aclose()
+
+
+@tenants_app.command("list")
+def tenants_list() -> None:
+    """Every known tenant with its weight, penalty and quarantine."""
+    settings = settings_or_exit()
+
+    async def action(tenants: TenantStore) -> Any:
+        names = await tenants.tenants()
+        return names, (await tenants.policies(names) if names else {})
+
+    names, policies = asyncio.run(_tenant_store(settings, action))
+    table = Table("tenant", "weight", "penalty factor", "cap", "rate/s", "quarantined")
+    for name in names:
+        policy = policies[name]
+        quarantined = (
+            "tenant" if policy.quarantined else ", ".join(sorted(policy.quarantined_flows))
+        )
+        table.add_row(
+            name,
+            f"{policy.weight:g}",
+            f"{policy.factor:g}",
+            str(policy.concurrency_cap or "-"),
+            f"{policy.rate_per_s:g}" if policy.rate_per_s else "-",
+            quarantined or "no",
+        )
+    console.print(table)
+
+
+@tenants_app.command("show")
+def tenants_show(tenant: str) -> None:
+    """The tenant's current state as JSON."""
+    settings = settings_or_exit()
+
+    async def action(tenants: TenantStore) -> Any:
+        return await tenants.describe(tenant)
+
+    typer.echo(json.dumps(asyncio.run(_tenant_store(settings, action)), indent=2))
+
+
+@tenants_app.command("set-weight")
+def tenants_set_weight(
+    tenant: str,
+    weight: Annotated[float, typer.Argument(min=0.01, max=10_000)],
+    cap: Annotated[int | None, typer.Option(help="max steps in flight")] = None,
+    rate: Annotated[float | None, typer.Option(help="max steps dispatched per second")] = None,
+) -> None:
+    """Sets the tenant's weight (and optional concurrency cap and rate limit)."""
+    settings = settings_or_exit()
+
+    async def action(tenants: TenantStore) -> Any:
+        await tenants.set_config(tenant, weight=weight, concurrency_cap=cap, rate_per_s=rate)
+
+    asyncio.run(_tenant_store(settings, action))
+    typer.echo(f"{tenant}: weight {weight:g}")
+
+
+def _send_command(settings: Settings, command: Any) -> None:
+    async def send() -> None:
+        connection = await connect(settings, "orchestrator-cli")
+        async with connection:
+            await publish(await open_channel(connection), command)
+
+    asyncio.run(send())
+
+
+def _until(minutes: float) -> datetime:
+    return datetime.now(UTC) + timedelta(minutes=minutes)
+
+
+@tenants_app.command("penalize")
+def tenants_penalize(  # noqa: PLR0917 - typer maps each parameter to an option
+    tenant: str,
+    factor: Annotated[float, typer.Option(min=0.001, max=1.0, help="weight factor")] = 0.5,
+    minutes: Annotated[float, typer.Option(min=0.01, help="how long")] = 10,
+    cap: Annotated[int | None, typer.Option(help="max steps in flight")] = None,
+    rate: Annotated[float | None, typer.Option(help="max steps per second")] = None,
+    reason: str = "operator",
+) -> None:
+    """Shrinks a tenant's share for a while (a PenaltyCommand, like the violations consumer's)."""
+    settings = settings_or_exit()
+    command = PenaltyCommand(
+        command_id=f"operator:{uuid.uuid4()}",
+        tenant=tenant,
+        rule="operator",
+        reason=reason,
+        issued_by="operator",
+        weight_factor=factor,
+        concurrency_cap=cap,
+        rate_per_s=rate,
+        expires_at=_until(minutes),
+    )
+    _send_command(settings, command)
+    typer.echo(f"{tenant}: penalized (factor {factor:g}) for {minutes:g} min")
+
+
+@tenants_app.command("quarantine")
+def tenants_quarantine(
+    tenant: str,
+    flow: Annotated[str | None, typer.Option(help="only this flow")] = None,
+    minutes: Annotated[float, typer.Option(min=0.01, help="how long")] = 30,
+    reason: str = "operator",
+) -> None:
+    """Stops dispatching and scheduling the tenant (or one flow) for a while."""
+    settings = settings_or_exit()
+    command = QuarantineCommand(
+        command_id=f"operator:{uuid.uuid4()}",
+        tenant=tenant,
+        flow_id=flow,
+        rule="operator",
+        reason=reason,
+        issued_by="operator",
+        expires_at=_until(minutes),
+    )
+    _send_command(settings, command)
+    typer.echo(f"{tenant}{'/' + flow if flow else ''}: quarantined for {minutes:g} min")
+
+
+@tenants_app.command("release")
+def tenants_release(
+    tenant: str,
+    flow: Annotated[str | None, typer.Option(help="only this flow")] = None,
+    what: Annotated[str, typer.Option(help="penalty, quarantine or all")] = "all",
+) -> None:
+    """Ends a penalty and/or quarantine early."""
+    settings = settings_or_exit()
+    if what not in ("penalty", "quarantine", "all"):
+        err_console.print("[red]error:[/red] --what must be penalty, quarantine or all")
+        raise typer.Exit(ExitCode.USAGE)
+    command = ReleaseCommand(
+        command_id=f"operator:{uuid.uuid4()}",
+        tenant=tenant,
+        flow_id=flow,
+        rule="operator",
+        issued_by="operator",
+        releases=what,
+    )
+    _send_command(settings, command)
+    typer.echo(f"{tenant}: released ({what})")
 
 
 # ---------------------------------------------------------------- flows

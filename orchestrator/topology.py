@@ -134,6 +134,7 @@ FLOW_START_QUEUE = "scheduler.flow-start"
 EXECUTIONS_QUEUE = "engine.executions"
 RESULTS_QUEUE = "engine.results"
 CONTROL_QUEUE = "control.commands"
+COMPLETIONS_QUEUE = "dispatcher.completions"
 DEFAULT_POOL = "default"
 
 
@@ -165,6 +166,11 @@ def build_topology(pools: tuple[str, ...] = (DEFAULT_POOL,)) -> Topology:
             "Control commands, applied to the tenant state in Redis.",
             consumer="dispatcher",
         ),
+        Queue(
+            COMPLETIONS_QUEUE,
+            "Copies of step results: they free worker slots and correct cost estimates.",
+            consumer="dispatcher",
+        ),
         *(
             Queue(
                 work_queue_name(pool), f"Step tasks for workers of pool {pool}.", consumer="worker"
@@ -178,6 +184,7 @@ def build_topology(pools: tuple[str, ...] = (DEFAULT_POOL,)) -> Topology:
             COMMANDS, EXECUTIONS_QUEUE, "execution.requested", (ExecutionRequested.message_type,)
         ),
         Binding(COMMANDS, RESULTS_QUEUE, "step.result", (StepResult.message_type,)),
+        Binding(COMMANDS, COMPLETIONS_QUEUE, "step.result", (StepResult.message_type,)),
         Binding(
             CONTROL,
             CONTROL_QUEUE,
@@ -213,7 +220,9 @@ ROUTES: dict[type[Message], Route] = {
         COMMANDS, "execution.requested", lambda m: "execution.requested", "scheduler"
     ),
     StepResult: Route(COMMANDS, "step.result", lambda m: "step.result", "worker"),
-    StepTask: Route(WORK, "{pool}", lambda m: m.pool, "engine"),
+    # The engine publishes into the tenant's fair queue; the dispatcher republishes to
+    # orchestrator.work with the pool as routing key (see `work_route`).
+    StepTask: Route(STEPS, "{tenant}", lambda m: m.tenant, "engine"),
     # Status events are a broadcast: no subscriber is a normal situation, not a lost message.
     StatusEvent: Route(
         STATUS,
@@ -232,6 +241,11 @@ ROUTES: dict[type[Message], Route] = {
         CONTROL, "release.{tenant}", lambda m: f"release.{m.tenant}", "violations"
     ),
 }
+
+
+def work_route(task: StepTask) -> tuple[str, str]:
+    """Where the dispatcher releases a step task: (exchange, routing key)."""
+    return WORK, task.pool
 
 
 def route(message: Message) -> tuple[str, str, bool]:

@@ -19,6 +19,7 @@ from orchestrator.engine.store import ExecutionStore, OutboxEntry
 from orchestrator.store import Keys
 from orchestrator.store.admission import AdmissionStore
 from orchestrator.store.flows import FlowRegistry
+from orchestrator.store.tenants import TenantStore
 from orchestrator.telemetry import bound_context, get_logger
 from schemas import ExecutionRequested, Message, StatusEvent, StepResult, StepTask
 
@@ -54,6 +55,8 @@ class Engine:
         self.cooldown_ms = int(settings.breaker_cooldown_s * 1000)
         self.lease_ms = int(settings.running_lease_s * 1000)
         self._channel: AbstractChannel | None = None
+        self._tenants_declared: set[str] = set()
+        self.tenants = TenantStore(redis, keys)
 
     async def channel(self) -> AbstractChannel:
         if self._channel is None or self._channel.is_closed:
@@ -271,6 +274,7 @@ class Engine:
             message: Message
             if entry.kind == "task":
                 message = StepTask.model_validate_json(entry.body)
+                await self._ensure_tenant_queue(message.tenant)
             elif entry.kind == "status":
                 message = StatusEvent.model_validate_json(entry.body)
             else:
@@ -281,6 +285,14 @@ class Engine:
         for entry in entries:
             if entry.kind == "release":
                 await self.admission.release_running(entry.body, entry.extra)
+
+    async def _ensure_tenant_queue(self, tenant: str) -> None:
+        """A tenant's fair queue exists before its first step is published to it."""
+        if tenant in self._tenants_declared:
+            return
+        await topology.declare_tenant_queue(await self.channel(), tenant)
+        await self.tenants.register(tenant)
+        self._tenants_declared.add(tenant)
 
     # ------------------------------------------------------------------ loops
     async def _timer_loop(self, stop: asyncio.Event) -> None:

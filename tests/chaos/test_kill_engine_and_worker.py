@@ -18,19 +18,14 @@ from orchestrator.config import Settings
 from orchestrator.engine.store import ExecutionStore
 from orchestrator.store.flows import FlowRegistry
 from schemas import ExecutionRequested, FlowDefinition
-from tests.integration.helpers import body, drain, fresh_settings, get_one, purged
+from tests.integration.helpers import body, drain, fresh_settings, get_one, reset_queues
 from tests.integration.processes import spawn, stop_all
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 
 async def _prepare(settings: Settings, channel: AbstractChannel, flow: dict[str, Any]) -> Any:
-    for name in (
-        topology.EXECUTIONS_QUEUE,
-        topology.RESULTS_QUEUE,
-        topology.work_queue_name("default"),
-    ):
-        await purged(channel, name)
+    await reset_queues(channel)
     redis = store.connect(settings)
     definition = FlowDefinition.model_validate({"tenant": "acme", "overlap": "allow", **flow})
     await FlowRegistry(redis, store.Keys(settings.redis_prefix)).apply(
@@ -70,7 +65,7 @@ async def test_killed_worker_step_is_redelivered_and_execution_succeeds(
     await feed.bind(topology.STATUS, routing_key="acme.slow.#")
     engine = spawn(test_settings, "engine")
     first = spawn(test_settings, "worker", "--concurrency", "2")
-    processes = [engine, first]
+    processes = [engine, spawn(test_settings, "dispatcher"), first]
     try:
         await asyncio.sleep(2.0)
         execution_id = await _request(channel, "slow")
@@ -121,6 +116,7 @@ async def test_killed_engine_under_load_every_execution_ends_once(
     await feed.bind(topology.STATUS, routing_key="acme.chain.execution.*")
     engines = [spawn(test_settings, "engine") for _ in range(2)]
     workers = [spawn(test_settings, "worker", "--concurrency", "16") for _ in range(2)]
+    workers.append(spawn(test_settings, "dispatcher"))
     executions: list[str] = []
     try:
         await asyncio.sleep(2.5)

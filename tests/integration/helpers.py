@@ -57,3 +57,16 @@ async def status_feed(channel: AbstractChannel, pattern: str = "#") -> AbstractQ
 def body(message: AbstractIncomingMessage) -> dict[str, Any]:
     decoded: dict[str, Any] = json.loads(message.body)
     return decoded
+
+
+async def reset_queues(channel: AbstractChannel, tenant: str = "acme") -> None:
+    """Empties every queue a step passes through, so a test starts from nothing."""
+    await topology.declare_tenant_queue(channel, tenant)
+    for name in (
+        topology.EXECUTIONS_QUEUE,
+        topology.RESULTS_QUEUE,
+        topology.COMPLETIONS_QUEUE,
+        topology.work_queue_name(topology.DEFAULT_POOL),
+        topology.tenant_queue_name(tenant),
+    ):
+        await purged(channel, name)

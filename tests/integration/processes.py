@@ -16,7 +16,7 @@ def process_env(settings: Settings, **extra: str) -> dict[str, str]:
         "ORCH_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
         "ORCH_REDIS_URL": str(settings.redis_url),
         "ORCH_REDIS_PREFIX": settings.redis_prefix,
-        "ORCH_LOG_LEVEL": "WARNING",
+        "ORCH_LOG_LEVEL": os.environ.get("ORCH_TEST_PROCESS_LOG_LEVEL", "WARNING"),
         **extra,
     }
 
@@ -26,7 +26,7 @@ def spawn(settings: Settings, *args: str, **extra: str) -> subprocess.Popen[byte
         [sys.executable, "-m", "orchestrator", *args],
         env=process_env(settings, **extra),
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=open(os.environ.get("ORCH_TEST_PROCESS_LOG", os.devnull), "ab"),  # noqa: SIM115
     )
 
 

@@ -20,10 +20,11 @@ from cloudevents.core.v1.event import CloudEvent
 from orchestrator import store, topology
 from orchestrator.amqp import REASON_HEADER, publish
 from orchestrator.config import Settings
+from orchestrator.dispatcher.service import Dispatcher
 from orchestrator.engine.service import Engine
 from orchestrator.store.flows import FlowRegistry
 from schemas import ExecutionRequested, FlowDefinition
-from tests.integration.helpers import body, fresh_settings, get_one, purged
+from tests.integration.helpers import body, fresh_settings, get_one, purged, reset_queues
 from workers import Worker
 from workers import builtin as _builtin  # noqa: F401 - registers demo.* steps
 
@@ -84,19 +85,18 @@ async def system(
     settings: Settings, amqp: AbstractRobustConnection, channel: AbstractChannel
 ) -> AsyncIterator[System]:
     test_settings = fresh_settings(settings, breaker_threshold=3, breaker_cooldown_s=2.0)
-    for name in (
-        topology.EXECUTIONS_QUEUE,
-        topology.RESULTS_QUEUE,
-        topology.work_queue_name("default"),
-    ):
-        await purged(channel, name)
+    await reset_queues(channel)
     redis = store.connect(test_settings)
     feed = await channel.declare_queue(exclusive=True)
     await feed.bind(topology.STATUS, routing_key="acme.#")
     stop = asyncio.Event()
     engine = Engine(test_settings, redis, amqp)
     async with Worker(test_settings, amqp, redis, concurrency=8) as worker:
-        tasks = [asyncio.create_task(engine.run(stop)), asyncio.create_task(worker.run(stop))]
+        tasks = [
+            asyncio.create_task(engine.run(stop)),
+            asyncio.create_task(worker.run(stop)),
+            asyncio.create_task(Dispatcher(test_settings, redis, amqp).run(stop)),
+        ]
         await asyncio.sleep(0.3)
         yield System(
             test_settings,

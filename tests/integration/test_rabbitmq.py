@@ -69,7 +69,12 @@ async def test_each_binding_delivers_its_message_with_confirms(channel: Abstract
             continue
         for message_type in binding.messages:
             message = sample(message_type)
-            await publish(channel, message)  # returns only after the broker's confirm
+            if binding.exchange == topology.WORK:  # the dispatcher's hop, not the engine's
+                await publish(
+                    channel, message, exchange=binding.exchange, routing_key=binding.routing_key
+                )
+            else:
+                await publish(channel, message)  # returns only after the broker's confirm
             received = await _get(queue)
             await received.ack()
             assert received.message_id == message.message_id()

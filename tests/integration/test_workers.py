@@ -17,10 +17,11 @@ from aiokafka import AIOKafkaConsumer
 from orchestrator import store, topology
 from orchestrator.amqp import publish
 from orchestrator.config import Settings
+from orchestrator.dispatcher.service import Dispatcher
 from orchestrator.engine.service import Engine
 from orchestrator.store.flows import FlowRegistry
 from schemas import ExecutionRequested, FlowDefinition, UsageEvent
-from tests.integration.helpers import body, fresh_settings, get_one, purged
+from tests.integration.helpers import body, fresh_settings, get_one, reset_queues
 from tests.integration.processes import process_env, spawn, stop_all
 from workers import Worker
 from workers import builtin as _builtin  # noqa: F401 - registers demo.* steps
@@ -30,12 +31,7 @@ pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 
 async def _setup(settings: Settings, channel: AbstractChannel, steps: list[dict[str, Any]]) -> Any:
-    for name in (
-        topology.EXECUTIONS_QUEUE,
-        topology.RESULTS_QUEUE,
-        topology.work_queue_name("default"),
-    ):
-        await purged(channel, name)
+    await reset_queues(channel)
     redis = store.connect(settings)
     definition = FlowDefinition.model_validate(
         {"tenant": "acme", "id": "w", "overlap": "allow", "steps": steps}
@@ -86,6 +82,7 @@ async def test_usage_of_each_attempt_reaches_kafka(
         tasks = [
             asyncio.create_task(Engine(test_settings, redis, amqp).run(stop)),
             asyncio.create_task(worker.run(stop)),
+            asyncio.create_task(Dispatcher(test_settings, redis, amqp).run(stop)),
         ]
         execution_id = await _start(channel)
         assert await _wait_terminal(feed, execution_id) == {"succeeded"}
@@ -127,6 +124,7 @@ async def test_step_completes_while_kafka_is_unreachable(
         tasks = [
             asyncio.create_task(Engine(test_settings, redis, amqp).run(stop)),
             asyncio.create_task(worker.run(stop)),
+            asyncio.create_task(Dispatcher(test_settings, redis, amqp).run(stop)),
         ]
         try:
             ids = [await _start(channel) for _ in range(5)]
@@ -149,6 +147,7 @@ async def test_registry_lists_workers_and_sigterm_drains(
     feed = await channel.declare_queue(exclusive=True)
     await feed.bind(topology.STATUS, routing_key="acme.w.execution.*")
     engine = spawn(test_settings, "engine")
+    dispatcher = spawn(test_settings, "dispatcher")
     worker = subprocess.Popen(
         [sys.executable, "-m", "orchestrator", "worker", "--concurrency", "3", "--grace", "20"],
         env=process_env(test_settings),
@@ -175,5 +174,5 @@ async def test_registry_lists_workers_and_sigterm_drains(
         keys = await redis.keys(f"{test_settings.redis_prefix}worker:*")
         assert keys == []  # it left the registry
     finally:
-        stop_all([engine, worker])
+        stop_all([engine, dispatcher, worker])
         await redis.aclose()

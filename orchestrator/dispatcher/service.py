@@ -1,0 +1,384 @@
+"""The dispatcher process: per-tenant queues in, fair order out, only into free worker slots.
+
+One dispatcher is active (a Redis lease); standbys wait and take over within seconds of its
+death. The active one consumes every `fq.<tenant>` with a small prefetch (the tenant's head
+buffer), orders the heads with `FairQueue`, and releases a step to `orchestrator.work` only
+while the live workers have a free slot. A tenant-queue message is acked only after its
+work-queue publish is confirmed; a dispatched marker per attempt id drops the duplicates a
+takeover would otherwise re-dispatch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import redis.asyncio as aioredis
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
+from prometheus_client import Counter, Gauge, Histogram
+
+from orchestrator import topology
+from orchestrator.amqp import InvalidMessage, dead_letter, decode, open_channel, publish
+from orchestrator.clock import Clock, SystemClock
+from orchestrator.config import Settings
+from orchestrator.dispatcher.fairness import FairQueue, Item
+from orchestrator.store import Keys
+from orchestrator.store.flows import FlowRegistry
+from orchestrator.store.tenants import TenantPolicy, TenantStore
+from orchestrator.telemetry import get_logger
+from schemas import (
+    PenaltyCommand,
+    QuarantineCommand,
+    ReleaseCommand,
+    StatusEvent,
+    StepResult,
+    StepTask,
+)
+
+log = get_logger(__name__)
+
+HEAD_BUFFER = 16  # prefetch per tenant queue: the candidates the fair order chooses among
+LEASE_MS = 3_000
+RENEW_S = 1.0
+REFRESH_S = 0.5
+DISPATCHED_MEMORY_S = 3_600
+EWMA_ALPHA = 0.2
+DEFAULT_COST_S = 0.1
+IN_FLIGHT_GRACE = timedelta(seconds=30)
+
+DISPATCHED = Counter("orchestrator_dispatched_total", "Steps dispatched", ["tenant"])
+COST_SERVED = Counter("orchestrator_cost_served_seconds_total", "Measured cost served", ["tenant"])
+DWELL = Histogram(
+    "orchestrator_dwell_seconds",
+    "Enqueue to dispatch",
+    ["tenant"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+)
+IN_FLIGHT = Gauge("orchestrator_in_flight", "Dispatched, not yet completed", ["tenant"])
+WEIGHT = Gauge("orchestrator_tenant_weight", "Effective weight (weight x penalty)", ["tenant"])
+QUARANTINED = Gauge("orchestrator_tenant_quarantined", "1 while quarantined", ["tenant"])
+
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+
+@dataclass
+class Held:
+    task: StepTask
+    incoming: AbstractIncomingMessage
+
+
+@dataclass
+class Bucket:
+    """Token bucket for a tenant's rate limit."""
+
+    rate: float
+    tokens: float = 1.0
+    stamp: float = field(default_factory=time.monotonic)
+
+    def ready(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(max(1.0, self.rate), self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        return self.tokens >= 1.0
+
+    def take(self) -> None:
+        self.tokens -= 1.0
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        settings: Settings,
+        redis: aioredis.Redis,
+        connection: AbstractRobustConnection,
+        clock: Clock | None = None,
+        dispatcher_id: str | None = None,
+    ) -> None:
+        self.settings = settings
+        self.redis = redis
+        self.connection = connection
+        self.clock: Clock = clock or SystemClock()
+        self.id = dispatcher_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        keys = Keys(settings.redis_prefix)
+        self.keys = keys
+        self.tenants = TenantStore(redis, keys)
+        self.flows = FlowRegistry(redis, keys)
+        self.lease_key = f"{keys.prefix}dispatcher:leader"
+        self._renew = redis.register_script(_RENEW)
+        self.queue = FairQueue()
+        self.policies: dict[str, TenantPolicy] = {}
+        self.buckets: dict[str, Bucket] = {}
+        self.max_parallel: dict[tuple[str, str], int] = {}
+        self.estimates: dict[tuple[str, str], float] = {}
+        self.in_flight: dict[str, tuple[Item, float]] = {}  # task id -> (item, dispatched at)
+        self.per_tenant: dict[str, int] = {}
+        self.per_flow: dict[tuple[str, str], int] = {}
+        self.window = 1
+        self.leader = False
+        self._wake = asyncio.Event()
+        self._consumers: list[tuple[AbstractQueue, str]] = []
+        self._consumed: set[str] = set()
+        self._channel: AbstractChannel | None = None
+        self._control: AbstractChannel | None = None
+
+    # ------------------------------------------------------------------ process
+    async def run(self, stop: asyncio.Event) -> None:
+        self._control = await open_channel(self.connection, prefetch=32)
+        await topology.apply(self._control)
+        control = await self._control.get_queue(topology.CONTROL_QUEUE)
+        control_tag = await control.consume(self._on_control)
+        log.info("dispatcher.started", id=self.id)
+        try:
+            while not stop.is_set():
+                if await self._hold_lease():
+                    if not self.leader:
+                        await self._become_leader()
+                    await self._refresh()
+                    await self._dispatch()
+                elif self.leader:
+                    await self._step_down()
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), REFRESH_S if self.leader else RENEW_S)
+        finally:
+            with contextlib.suppress(Exception):
+                await control.cancel(control_tag)
+            if self.leader:
+                await self._step_down()
+                await self.redis.delete(self.lease_key)
+            log.info("dispatcher.stopped", id=self.id)
+
+    async def _hold_lease(self) -> bool:
+        if self.leader:
+            return bool(await self._renew(keys=[self.lease_key], args=[self.id, LEASE_MS]))
+        return bool(await self.redis.set(self.lease_key, self.id, nx=True, px=LEASE_MS))
+
+    async def _become_leader(self) -> None:
+        log.info("dispatcher.leading", id=self.id)
+        self.leader = True
+        self._channel = await open_channel(self.connection, prefetch=HEAD_BUFFER)
+        completions = await self._channel.get_queue(topology.COMPLETIONS_QUEUE)
+        self._consumers.append((completions, await completions.consume(self._on_completion)))
+
+    async def _step_down(self) -> None:
+        """Lost the lease: stop consuming and give back every held message."""
+        log.warning("dispatcher.standing_down", id=self.id)
+        self.leader = False
+        channel, self._channel = self._channel, None
+        self._consumers.clear()
+        self._consumed.clear()
+        self.queue = FairQueue()
+        self.in_flight.clear()
+        self.per_tenant.clear()
+        self.per_flow.clear()
+        if channel is not None:
+            with contextlib.suppress(Exception):
+                await channel.close()  # unacked messages go back to their queues
+
+    # ------------------------------------------------------------------ state
+    async def _refresh(self) -> None:
+        tenants = await self.tenants.tenants()
+        assert self._channel is not None
+        for tenant in tenants:
+            if tenant not in self._consumed:
+                await topology.declare_tenant_queue(self._channel, tenant)
+                queue = await self._channel.get_queue(topology.tenant_queue_name(tenant))
+                self._consumers.append((queue, await queue.consume(self._on_task)))
+                self._consumed.add(tenant)
+        if tenants:
+            self.policies = await self.tenants.policies(tenants)
+        for tenant, policy in self.policies.items():
+            self.queue.set_weight(tenant, policy.weight, policy.factor)
+            WEIGHT.labels(tenant).set(policy.weight * policy.factor)
+            QUARANTINED.labels(tenant).set(1 if policy.quarantined else 0)
+            if policy.rate_per_s:
+                bucket = self.buckets.get(tenant)
+                if bucket is None or bucket.rate != policy.rate_per_s:
+                    self.buckets[tenant] = Bucket(policy.rate_per_s)
+            else:
+                self.buckets.pop(tenant, None)
+        self.window = max(1, await self._live_capacity())
+        self._expire_in_flight()
+
+    async def _live_capacity(self) -> int:
+        ids = [str(i) for i in await self.redis.smembers(f"{self.keys.prefix}workers")]
+        if not ids:
+            return 0
+        raws = await self.redis.mget([f"{self.keys.prefix}worker:{i}" for i in ids])
+        return sum(int(json.loads(raw)["concurrency"]) for raw in raws if raw)
+
+    def _eligible(self, tenant: str, flow: str) -> bool:
+        policy = self.policies.get(tenant)
+        if policy is not None:
+            if policy.quarantined or flow in policy.quarantined_flows:
+                return False
+            if (
+                policy.concurrency_cap is not None
+                and self.per_tenant.get(tenant, 0) >= policy.concurrency_cap
+            ):
+                return False
+        limit = self.max_parallel.get((tenant, flow))
+        if limit is not None and self.per_flow.get((tenant, flow), 0) >= limit:
+            return False
+        bucket = self.buckets.get(tenant)
+        return bucket is None or bucket.ready()
+
+    # ------------------------------------------------------------------ inputs
+    async def _on_task(self, incoming: AbstractIncomingMessage) -> None:
+        queue = (
+            incoming.routing_key and topology.tenant_queue_name(incoming.routing_key)
+        ) or "fq.?"
+        try:
+            task = decode(incoming, StepTask)
+        except InvalidMessage as exc:
+            assert self._channel is not None
+            event = StatusEvent.build(
+                "message",
+                "rejected",
+                event_id=f"rejected:{incoming.message_id or uuid.uuid4().hex}",
+                data={"queue": queue, "reason": exc.reason, "detail": exc.detail},
+            )
+            await publish(self._channel, event)
+            await dead_letter(self._channel, incoming, queue, exc.reason, exc.detail)
+            return
+        if await self.redis.exists(self._dispatched_key(task.task_id)):
+            await incoming.ack()  # already released before a takeover
+            return
+        key = (task.tenant, task.flow_id)
+        if key not in self.max_parallel:
+            definition = await self.flows.get(task.tenant, task.flow_id)
+            self.max_parallel[key] = definition.max_parallel if definition else 1_000
+        estimate = self.estimates.get((task.tenant, task.step_type), DEFAULT_COST_S)
+        self.queue.push(
+            Item(task.task_id, task.tenant, task.flow_id, estimate, Held(task, incoming))
+        )
+        self._wake.set()
+
+    async def _on_completion(self, incoming: AbstractIncomingMessage) -> None:
+        try:
+            result = decode(incoming, StepResult)
+        except InvalidMessage:
+            await incoming.ack()  # the engine's copy of the same message is dead-lettered
+            return
+        item = self._forget(result.task_id)
+        if item is not None:
+            cost = max(0.0, (result.finished_at - result.started_at).total_seconds())
+            held: Held = item.payload
+            estimate_key = (item.tenant, held.task.step_type)
+            previous = self.estimates.get(estimate_key, cost)
+            self.estimates[estimate_key] = (1 - EWMA_ALPHA) * previous + EWMA_ALPHA * cost
+            self.queue.complete(item, cost)
+            COST_SERVED.labels(item.tenant).inc(cost)
+        await incoming.ack()
+        self._wake.set()
+
+    async def _on_control(self, incoming: AbstractIncomingMessage) -> None:
+        """Applies penalty/quarantine/release commands to Redis, once per command id."""
+        assert self._control is not None
+        command: PenaltyCommand | QuarantineCommand | ReleaseCommand
+        try:
+            if incoming.type == PenaltyCommand.message_type:
+                command = decode(incoming, PenaltyCommand)
+            elif incoming.type == QuarantineCommand.message_type:
+                command = decode(incoming, QuarantineCommand)
+            elif incoming.type == ReleaseCommand.message_type:
+                command = decode(incoming, ReleaseCommand)
+            else:
+                raise InvalidMessage(  # noqa: TRY301 - the except below dead-letters it
+                    "wrong_message_type", f"not a control command: {incoming.type!r}"
+                )
+        except InvalidMessage as exc:
+            queue = topology.CONTROL_QUEUE
+            await dead_letter(self._control, incoming, queue, exc.reason, exc.detail)
+            return
+        applied = await self.tenants.apply(command, self.clock.now())
+        log.info(
+            "dispatcher.control",
+            command=command.message_type,
+            tenant=command.tenant,
+            applied=applied,
+        )
+        await incoming.ack()
+        self._wake.set()
+
+    def _forget(self, task_id: str) -> Item | None:
+        """Drops a task from the in-flight accounting (completed, or its publish failed)."""
+        entry = self.in_flight.pop(task_id, None)
+        if entry is None:
+            return None
+        item, _ = entry
+        self.per_tenant[item.tenant] = self.per_tenant.get(item.tenant, 1) - 1
+        flow_key = (item.tenant, item.flow)
+        self.per_flow[flow_key] = self.per_flow.get(flow_key, 1) - 1
+        IN_FLIGHT.labels(item.tenant).dec()
+        return item
+
+    def _expire_in_flight(self) -> None:
+        """Forgets tasks whose completion never came (a worker died, a result went astray)
+        once their deadline has long passed, so a lost completion cannot shrink the window."""
+        now = self.clock.now()
+        for task_id, (item, _) in list(self.in_flight.items()):
+            held: Held = item.payload
+            if now > held.task.deadline + IN_FLIGHT_GRACE:
+                self._forget(task_id)
+
+    def _dispatched_key(self, task_id: str) -> str:
+        return f"{self.keys.prefix}dispatched:{task_id}"
+
+    # ------------------------------------------------------------------ dispatch
+    async def _dispatch(self) -> None:
+        """Releases steps in fair order while the workers have free slots."""
+        while len(self.in_flight) < self.window and self._channel is not None:
+            item = self.queue.pick(self._eligible)
+            if item is None:
+                return
+            held: Held = item.payload
+            task = held.task
+            flow_key = (task.tenant, task.flow_id)
+            # Counted in flight *before* the publish: a fast step's completion can arrive
+            # while we still wait for the confirm, and must find its entry.
+            self.in_flight[task.task_id] = (item, time.monotonic())
+            self.per_tenant[task.tenant] = self.per_tenant.get(task.tenant, 0) + 1
+            self.per_flow[flow_key] = self.per_flow.get(flow_key, 0) + 1
+            exchange, routing_key = topology.work_route(task)
+            try:
+                await publish(self._channel, task, exchange=exchange, routing_key=routing_key)
+            except Exception:
+                self._forget(task.task_id)
+                raise
+            await self.redis.set(self._dispatched_key(task.task_id), "1", ex=DISPATCHED_MEMORY_S)
+            await held.incoming.ack()
+            bucket = self.buckets.get(task.tenant)
+            if bucket is not None:
+                bucket.take()
+            DISPATCHED.labels(task.tenant).inc()
+            IN_FLIGHT.labels(task.tenant).inc()
+            DWELL.labels(task.tenant).observe(
+                max(0.0, (self.clock.now() - task.enqueued_at).total_seconds())
+            )
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "leader": self.leader,
+            "window": self.window,
+            "in_flight": len(self.in_flight),
+            "backlog": self.queue.backlog(),
+        }

@@ -1,0 +1,172 @@
+"""Tenant state in Redis: known tenants, weights and caps, penalties, quarantines, commands.
+
+Penalties and quarantines are keys with an expiry (the command's `expires_at`), so a punished
+tenant is released by Redis itself when the time is up, even if nobody is running.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from orchestrator.store import Keys
+from schemas import PenaltyCommand, QuarantineCommand, ReleaseCommand
+
+COMMAND_MEMORY_S = 30 * 86_400  # command ids are remembered this long (replays are no-ops)
+
+
+@dataclass
+class TenantPolicy:
+    """What the dispatcher applies to one tenant right now."""
+
+    weight: float = 1.0
+    factor: float = 1.0  # penalty weight factor
+    concurrency_cap: int | None = None
+    rate_per_s: float | None = None
+    quarantined: bool = False
+    quarantined_flows: frozenset[str] = frozenset()
+    penalty: dict[str, Any] | None = None
+
+
+class TenantStore:
+    def __init__(self, redis: aioredis.Redis, keys: Keys) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.index = f"{keys.prefix}tenants"
+
+    def _config(self, tenant: str) -> str:
+        return f"{self.keys.prefix}tenant:{tenant}"
+
+    def _penalty(self, tenant: str) -> str:
+        return f"{self.keys.prefix}penalty:{tenant}"
+
+    def _command(self, command_id: str) -> str:
+        return f"{self.keys.prefix}command:{command_id}"
+
+    async def register(self, tenant: str) -> None:
+        await self.redis.sadd(self.index, tenant)
+
+    async def tenants(self) -> list[str]:
+        return sorted(str(t) for t in await self.redis.smembers(self.index))
+
+    async def set_config(
+        self,
+        tenant: str,
+        *,
+        weight: float | None = None,
+        concurrency_cap: int | None = None,
+        rate_per_s: float | None = None,
+    ) -> None:
+        fields: dict[str, str] = {}
+        if weight is not None:
+            fields["weight"] = str(weight)
+        if concurrency_cap is not None:
+            fields["concurrency_cap"] = str(concurrency_cap)
+        if rate_per_s is not None:
+            fields["rate_per_s"] = str(rate_per_s)
+        await self.register(tenant)
+        if fields:
+            await self.redis.hset(self._config(tenant), mapping=fields)  # type: ignore[arg-type]
+
+    async def policies(self, tenants: list[str]) -> dict[str, TenantPolicy]:
+        """Current policy of each tenant, in one round trip."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for tenant in tenants:
+                pipe.hgetall(self._config(tenant))
+                pipe.get(self._penalty(tenant))
+                pipe.exists(self.keys.quarantine(tenant))
+            results = await pipe.execute()
+        flow_quarantines: dict[str, set[str]] = {}
+        async for key in self.redis.scan_iter(
+            match=f"{self.keys.prefix}quarantine:*/*", count=1000
+        ):
+            target = str(key).removeprefix(f"{self.keys.prefix}quarantine:")
+            tenant, _, flow = target.partition("/")
+            flow_quarantines.setdefault(tenant, set()).add(flow)
+        out = {}
+        for i, tenant in enumerate(tenants):
+            config, penalty_raw, quarantined = results[3 * i : 3 * i + 3]
+            penalty = json.loads(penalty_raw) if penalty_raw else None
+            caps = [
+                int(c)
+                for c in (config.get("concurrency_cap"), (penalty or {}).get("concurrency_cap"))
+                if c is not None
+            ]
+            rates = [
+                float(r)
+                for r in (config.get("rate_per_s"), (penalty or {}).get("rate_per_s"))
+                if r is not None
+            ]
+            out[tenant] = TenantPolicy(
+                weight=float(config.get("weight", 1.0)),
+                factor=float((penalty or {}).get("weight_factor", 1.0)),
+                concurrency_cap=min(caps) if caps else None,
+                rate_per_s=min(rates) if rates else None,
+                quarantined=bool(quarantined),
+                quarantined_flows=frozenset(flow_quarantines.get(tenant, set())),
+                penalty=penalty,
+            )
+        return out
+
+    async def apply(
+        self, command: PenaltyCommand | QuarantineCommand | ReleaseCommand, now: datetime
+    ) -> bool:
+        """Applies a control command once (by command id). False for a replay."""
+        if not await self.redis.set(
+            self._command(command.command_id), "1", nx=True, ex=COMMAND_MEMORY_S
+        ):
+            return False
+        await self.register(command.tenant)
+        if isinstance(command, PenaltyCommand):
+            ttl_ms = int((command.expires_at - now).total_seconds() * 1000)
+            if ttl_ms > 0:
+                penalty = {
+                    "weight_factor": command.weight_factor,
+                    "concurrency_cap": command.concurrency_cap,
+                    "rate_per_s": command.rate_per_s,
+                    "rule": command.rule,
+                    "reason": command.reason,
+                    "command_id": command.command_id,
+                    "expires_at": command.expires_at.isoformat(),
+                }
+                await self.redis.set(self._penalty(command.tenant), json.dumps(penalty), px=ttl_ms)
+        elif isinstance(command, QuarantineCommand):
+            ttl_ms = int((command.expires_at - now).total_seconds() * 1000)
+            if ttl_ms > 0:
+                reason = json.dumps(
+                    {
+                        "rule": command.rule,
+                        "reason": command.reason,
+                        "command_id": command.command_id,
+                        "expires_at": command.expires_at.isoformat(),
+                    }
+                )
+                await self.redis.set(
+                    self.keys.quarantine(command.tenant, command.flow_id), reason, px=ttl_ms
+                )
+        else:
+            if command.releases in ("penalty", "all"):
+                await self.redis.delete(self._penalty(command.tenant))
+            if command.releases in ("quarantine", "all"):
+                await self.redis.delete(self.keys.quarantine(command.tenant, command.flow_id))
+        return True
+
+    async def describe(self, tenant: str) -> dict[str, Any]:
+        policy = (await self.policies([tenant]))[tenant]
+        raw = await self.redis.get(self.keys.quarantine(tenant))
+        quarantine = None if raw is None else str(raw)
+        return {
+            "tenant": tenant,
+            "weight": policy.weight,
+            "penalty": policy.penalty,
+            "quarantine": json.loads(quarantine)
+            if quarantine and quarantine.startswith("{")
+            else quarantine,
+            "quarantined_flows": sorted(policy.quarantined_flows),
+            "concurrency_cap": policy.concurrency_cap,
+            "rate_per_s": policy.rate_per_s,
+        }

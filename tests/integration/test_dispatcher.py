@@ -1,0 +1,187 @@
+"""The fair dispatcher with real brokers and workers: weights, noise, quarantine, failover."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from aio_pika.abc import AbstractChannel, AbstractQueue, AbstractRobustConnection
+
+from orchestrator import store, topology
+from orchestrator.amqp import publish
+from orchestrator.config import Settings
+from orchestrator.dispatcher.service import Dispatcher
+from orchestrator.store.tenants import TenantStore
+from schemas import QuarantineCommand, ReleaseCommand, StepTask
+from tests.integration.helpers import body, drain, fresh_settings, purged, reset_queues
+from tests.integration.processes import spawn, stop_all
+from workers import Worker
+from workers import builtin as _builtin  # noqa: F401 - registers demo.* steps
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+TENANTS = ("ta", "tb", "tc", "noisy", "quiet1", "quiet2")
+
+
+def task(tenant: str, n: int, ms: int = 20, flow: str = "f") -> StepTask:
+    now = datetime.now(UTC)
+    return StepTask(
+        task_id=f"{tenant}-{n}:s:1",
+        execution_id=f"{tenant}-{n}",
+        tenant=tenant,
+        flow_id=flow,
+        step_id="s",
+        step_type="demo.sleep",
+        attempt=1,
+        input={"ms": ms},
+        timeout_s=30,
+        deadline=now + timedelta(seconds=30),
+        enqueued_at=now,
+    )
+
+
+@dataclass
+class Rig:
+    settings: Settings
+    channel: AbstractChannel
+    tenants: TenantStore
+    results: AbstractQueue
+
+    async def enqueue(self, tenant: str, count: int, start: int = 0, ms: int = 20) -> None:
+        await asyncio.gather(
+            *(publish(self.channel, task(tenant, start + i, ms)) for i in range(count))
+        )
+
+    async def completions(self, until: int, wait_s: float = 60) -> list[str]:
+        """Tenants of completed steps, in completion order, until `until` of them."""
+        order: list[str] = []
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
+        while len(order) < until and loop.time() < deadline:
+            order += [body(m)["tenant"] for m in await drain(self.results, settle_s=0.05)]
+        return order
+
+
+async def _prepare(settings: Settings, channel: AbstractChannel) -> tuple[Settings, Any, Rig]:
+    test_settings = fresh_settings(settings)
+    for tenant in TENANTS:
+        await reset_queues(channel, tenant)
+    redis = store.connect(test_settings)
+    tenants = TenantStore(redis, store.Keys(test_settings.redis_prefix))
+    for tenant in TENANTS:
+        await tenants.register(tenant)
+    results = await purged(channel, topology.RESULTS_QUEUE)
+    return test_settings, redis, Rig(test_settings, channel, tenants, results)
+
+
+@pytest.fixture
+async def rig(
+    settings: Settings, amqp: AbstractRobustConnection, channel: AbstractChannel
+) -> AsyncIterator[Rig]:
+    test_settings, redis, rig = await _prepare(settings, channel)
+    stop = asyncio.Event()
+    async with Worker(test_settings, amqp, redis, concurrency=2) as worker:
+        tasks = [
+            asyncio.create_task(worker.run(stop)),
+            asyncio.create_task(Dispatcher(test_settings, redis, amqp).run(stop)),
+        ]
+        await asyncio.sleep(0.5)
+        yield rig
+        stop.set()
+        await asyncio.gather(*tasks)
+    for tenant in TENANTS:
+        await purged(channel, topology.tenant_queue_name(tenant))
+    async for key in redis.scan_iter(match=f"{test_settings.redis_prefix}*"):
+        await redis.delete(key)
+    await redis.aclose()
+
+
+async def test_weights_5_3_2_under_full_backlog(rig: Rig) -> None:
+    for tenant, weight in (("ta", 5), ("tb", 3), ("tc", 2)):
+        await rig.tenants.set_config(tenant, weight=weight)
+    await asyncio.sleep(0.6)  # one refresh
+    for tenant in ("ta", "tb", "tc"):
+        await rig.enqueue(tenant, 80)
+    order = await rig.completions(100)
+    share = Counter(order[10:90])  # steady state: all three backlogged
+    assert abs(share["ta"] - 40) <= 5, share
+    assert abs(share["tb"] - 24) <= 5, share
+    assert abs(share["tc"] - 16) <= 5, share
+
+
+async def test_noisy_neighbour_does_not_delay_quiet_tenants(rig: Rig) -> None:
+    await rig.enqueue("noisy", 500)
+    await asyncio.sleep(0.5)
+    await drain(rig.results, settle_s=0)  # only what completes after the quiet ones arrive
+    await rig.enqueue("quiet1", 5)
+    await rig.enqueue("quiet2", 5)
+    order = await rig.completions(60)
+    last_quiet = max(i for i, tenant in enumerate(order) if tenant.startswith("quiet"))
+    noisy_meanwhile = sum(1 for tenant in order[: last_quiet + 1] if tenant == "noisy")
+    assert sum(1 for tenant in order if tenant.startswith("quiet")) == 10
+    # Three backlogged tenants share equally: while the ten quiet steps run, the noisy tenant
+    # gets about five. FIFO would run all 500 noisy steps first.
+    assert noisy_meanwhile <= 12, order
+
+
+async def test_quarantine_stops_a_tenant_and_release_resumes_it(rig: Rig) -> None:
+    await rig.enqueue("ta", 200)
+    await rig.enqueue("tb", 200)
+    await rig.completions(10)
+    now = datetime.now(UTC)
+    await publish(
+        rig.channel,
+        QuarantineCommand(
+            command_id="q-test-1",
+            tenant="ta",
+            rule="test",
+            issued_at=now,
+            expires_at=now + timedelta(minutes=5),
+        ),
+    )
+    await asyncio.sleep(1.0)  # within 1 s of the command
+    await drain(rig.results, settle_s=0.1)  # steps already in flight finish
+    held = await rig.completions(30, wait_s=3)
+    assert "ta" not in held, Counter(held)
+    assert "tb" in held
+    await publish(rig.channel, ReleaseCommand(command_id="r-test-1", tenant="ta", rule="test"))
+    await asyncio.sleep(1.0)
+    resumed = await rig.completions(20)
+    assert "ta" in resumed
+
+
+async def test_killed_active_dispatcher_loses_nothing(
+    settings: Settings, channel: AbstractChannel
+) -> None:
+    test_settings, redis, rig = await _prepare(settings, channel)
+    dispatchers = [spawn(test_settings, "dispatcher") for _ in range(2)]
+    worker = spawn(test_settings, "worker", "--concurrency", "4")
+    try:
+        await asyncio.sleep(2.5)
+        for tenant in ("ta", "tb", "tc"):
+            await rig.enqueue(tenant, 100, ms=10)
+        await asyncio.sleep(1.0)
+        leader = str(await redis.get(f"{test_settings.redis_prefix}dispatcher:leader"))
+        victim = next(d for d in dispatchers if f":{d.pid}:" in leader)
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(timeout=10)
+        seen: Counter[str] = Counter()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 60
+        while len(seen) < 300 and loop.time() < deadline:
+            for message in await drain(rig.results, settle_s=0.2):
+                seen[body(message)["task_id"]] += 1
+        assert len(seen) == 300, f"{300 - len(seen)} steps lost"
+    finally:
+        stop_all([*dispatchers, worker])
+        for tenant in TENANTS:
+            await purged(channel, topology.tenant_queue_name(tenant))
+        async for key in redis.scan_iter(match=f"{test_settings.redis_prefix}*"):
+            await redis.delete(key)
+        await redis.aclose()
