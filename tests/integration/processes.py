@@ -26,7 +26,7 @@ def spawn(settings: Settings, *args: str, **extra: str) -> subprocess.Popen[byte
         [sys.executable, "-m", "orchestrator", *args],
         env=process_env(settings, **extra),
         stdout=subprocess.DEVNULL,
-        stderr=open(os.environ.get("ORCH_TEST_PROCESS_LOG", os.devnull), "ab"),  # noqa: SIM115
+        stderr=open(os.environ.get("ORCH_TEST_PROCESS_LOG", os.devnull), "ab"),
     )
 
 
