@@ -240,6 +240,10 @@ def worker(
         list[str] | None, typer.Option(help="module(s) whose @step handlers to load")
     ] = None,
     grace: Annotated[float, typer.Option(help="seconds to finish in-flight work on SIGTERM")] = 30,
+    queue: Annotated[
+        list[str] | None,
+        typer.Option(help="consume these queues instead of work.<pool> (comparisons only)"),
+    ] = None,
 ) -> None:
     """Runs a step worker with the built-in steps plus those of --steps modules."""
     settings = settings_or_exit()
@@ -256,7 +260,13 @@ def worker(
         connection = await connect(settings, "orchestrator-worker")
         try:
             async with Worker(
-                settings, connection, redis, pool=pool, concurrency=concurrency, grace_s=grace
+                settings,
+                connection,
+                redis,
+                pool=pool,
+                concurrency=concurrency,
+                grace_s=grace,
+                queues=queue,
             ) as running:
                 await running.run(stop)
         finally:

@@ -117,6 +117,7 @@ class Worker:
         worker_id: str | None = None,
         grace_s: float = 30.0,
         usage: UsageReporter | None = None,
+        queues: list[str] | None = None,
     ) -> None:
         self.settings = settings
         self.connection = connection
@@ -126,15 +127,22 @@ class Worker:
         self.concurrency = concurrency
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
         self.grace_s = grace_s
+        # Consume these queues instead of work.<pool>: only for comparisons (bench/fairness.py
+        # runs workers straight on the tenant queues, RabbitMQ round-robin style).
+        self.queues = queues
         self.usage = usage or UsageReporter(settings.kafka_servers, settings.usage_topic)
         self.threads = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="step")
         self.in_flight: dict[str, asyncio.Task[None]] = {}
+        self._slots = asyncio.Semaphore(concurrency)
         self._channel: AbstractChannel | None = None
         self._registry_key = f"{settings.redis_prefix}worker:{self.worker_id}"
         self._registry_index = f"{settings.redis_prefix}workers"
 
     async def __aenter__(self) -> Worker:
-        self._channel = await open_channel(self.connection, prefetch=self.concurrency)
+        # Prefetch is per consumer (quorum queues refuse a channel-wide limit); with several
+        # queues each gets its part, and the slots semaphore keeps the true concurrency.
+        prefetch = -(-self.concurrency // len(self.queues)) if self.queues else self.concurrency
+        self._channel = await open_channel(self.connection, prefetch=prefetch)
         await topology.apply(self._channel, topology.build_topology((self.pool,)))
         await self.usage.start()
         return self
@@ -152,8 +160,11 @@ class Worker:
         return self._channel
 
     async def run(self, stop: asyncio.Event) -> None:
-        queue = await self.channel.get_queue(topology.work_queue_name(self.pool))
-        tag = await queue.consume(self._on_message)
+        names = self.queues or [topology.work_queue_name(self.pool)]
+        consumers = []
+        for name in names:
+            queue = await self.channel.get_queue(name)
+            consumers.append((queue, await queue.consume(self._on_message)))
         heartbeat = asyncio.create_task(self._heartbeat_loop(stop))
         log.info(
             "worker.started",
@@ -164,8 +175,9 @@ class Worker:
         await stop.wait()
         # Graceful drain: take no more work, let in-flight attempts finish within the grace
         # period, give back (requeue) whatever is still running after it.
-        with contextlib.suppress(Exception):
-            await queue.cancel(tag)
+        for queue, tag in consumers:
+            with contextlib.suppress(Exception):
+                await queue.cancel(tag)
         if self.in_flight:
             log.info("worker.draining", in_flight=len(self.in_flight))
             _, pending = await asyncio.wait(set(self.in_flight.values()), timeout=self.grace_s)
@@ -204,7 +216,8 @@ class Worker:
         if task is not None:
             self.in_flight[key] = task
         try:
-            await self._handle(incoming)
+            async with self._slots:
+                await self._handle(incoming)
         except asyncio.CancelledError:
             with contextlib.suppress(Exception):
                 await incoming.nack(requeue=True)  # given back during drain

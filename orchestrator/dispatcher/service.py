@@ -146,15 +146,25 @@ class Dispatcher:
         control = await self._control.get_queue(topology.CONTROL_QUEUE)
         control_tag = await control.consume(self._on_control)
         log.info("dispatcher.started", id=self.id)
+        renewed = refreshed = 0.0
         try:
             while not stop.is_set():
-                if await self._hold_lease():
-                    if not self.leader:
+                # Lease and refresh run on their own clocks; a wake (new step, completion,
+                # command) only dispatches, so a busy dispatcher does no extra Redis work.
+                now = time.monotonic()
+                if now - renewed >= RENEW_S or not self.leader:
+                    holding = await self._hold_lease()
+                    renewed = now
+                    if holding and not self.leader:
                         await self._become_leader()
-                    await self._refresh()
+                        refreshed = 0.0
+                    elif not holding and self.leader:
+                        await self._step_down()
+                if self.leader:
+                    if now - refreshed >= REFRESH_S:
+                        await self._refresh()
+                        refreshed = now
                     await self._dispatch()
-                elif self.leader:
-                    await self._step_down()
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), REFRESH_S if self.leader else RENEW_S)
@@ -215,7 +225,11 @@ class Dispatcher:
                     self.buckets[tenant] = Bucket(policy.rate_per_s)
             else:
                 self.buckets.pop(tenant, None)
-        self.window = max(1, await self._live_capacity())
+        capacity = await self._live_capacity()
+        # Half a slot's worth of headroom per worker keeps the next step waiting in the work
+        # queue, so a slot never idles for the completion -> dispatch -> delivery round trip
+        # (several quorum-queue commits); the fair decision is still at most that early.
+        self.window = max(1, capacity + (capacity + 1) // 2)
         self._expire_in_flight()
 
     async def _live_capacity(self) -> int:
@@ -310,6 +324,8 @@ class Dispatcher:
             await dead_letter(self._control, incoming, queue, exc.reason, exc.detail)
             return
         applied = await self.tenants.apply(command, self.clock.now())
+        if applied and self.leader:
+            self.policies.update(await self.tenants.policies([command.tenant]))
         log.info(
             "dispatcher.control",
             command=command.message_type,

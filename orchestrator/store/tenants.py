@@ -37,6 +37,7 @@ class TenantStore:
         self.redis = redis
         self.keys = keys
         self.index = f"{keys.prefix}tenants"
+        self.flow_index = f"{keys.prefix}quarantined-flows"
 
     def _config(self, tenant: str) -> str:
         return f"{self.keys.prefix}tenant:{tenant}"
@@ -81,10 +82,7 @@ class TenantStore:
                 pipe.exists(self.keys.quarantine(tenant))
             results = await pipe.execute()
         flow_quarantines: dict[str, set[str]] = {}
-        async for key in self.redis.scan_iter(
-            match=f"{self.keys.prefix}quarantine:*/*", count=1000
-        ):
-            target = str(key).removeprefix(f"{self.keys.prefix}quarantine:")
+        for target in await self._quarantined_flows():
             tenant, _, flow = target.partition("/")
             flow_quarantines.setdefault(tenant, set()).add(flow)
         out = {}
@@ -111,6 +109,22 @@ class TenantStore:
                 penalty=penalty,
             )
         return out
+
+    async def _quarantined_flows(self) -> list[str]:
+        """Flow quarantines still in force (an index, not a keyspace scan); the index forgets
+        the ones that expired."""
+        members = sorted(str(m) for m in await self.redis.smembers(self.flow_index))
+        if not members:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for target in members:
+                tenant, _, flow = target.partition("/")
+                pipe.exists(self.keys.quarantine(tenant, flow))
+            alive = await pipe.execute()
+        expired = [m for m, ok in zip(members, alive, strict=True) if not ok]
+        if expired:
+            await self.redis.srem(self.flow_index, *expired)
+        return [m for m, ok in zip(members, alive, strict=True) if ok]
 
     async def apply(
         self, command: PenaltyCommand | QuarantineCommand | ReleaseCommand, now: datetime
@@ -148,6 +162,8 @@ class TenantStore:
                 await self.redis.set(
                     self.keys.quarantine(command.tenant, command.flow_id), reason, px=ttl_ms
                 )
+                if command.flow_id is not None:
+                    await self.redis.sadd(self.flow_index, f"{command.tenant}/{command.flow_id}")
         else:
             if command.releases in ("penalty", "all"):
                 await self.redis.delete(self._penalty(command.tenant))

@@ -1,0 +1,290 @@
+"""Fairness benchmark: the same workers and workload under three strategies, in one run.
+
+    python -m bench.fairness [--slots 4] [--scenarios balanced,weighted,...]
+
+Strategies:
+* fifo  - one shared queue (what Celery does): tasks go straight to work.default;
+* rr    - RabbitMQ round-robin over per-tenant queues: the worker consumes fq.<tenant> directly;
+* fair  - this dispatcher: fq.<tenant> -> weighted SFQ -> work.default.
+
+Every scenario runs on a fresh `orchestrator worker --concurrency SLOTS` (and, for `fair`, a
+fresh `orchestrator dispatcher`). Steps are `demo.sleep`, so a step's cost is its slot time
+and the figures do not depend on CPU noise. Printed per scenario and strategy:
+quiet-tenant dwell (enqueue -> start) p50/p99, worst served-share/weight and Jain's index of
+weight-normalised service (over the period when every tenant was backlogged), makespan and
+throughput.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from bench.common import isolated_settings, percentile, print_table
+from orchestrator import store, topology
+from orchestrator.amqp import connect, open_channel, publish
+from orchestrator.config import Settings
+from orchestrator.store.tenants import TenantStore
+from schemas import StepResult, StepTask
+from tests.integration.processes import spawn, stop_all
+
+TENANTS = ("a", "b", "c")
+
+
+@dataclass
+class Arrival:
+    at: float  # seconds after the start
+    tenant: str
+    ms: int
+    flow: str = "f"
+
+
+@dataclass
+class Scenario:
+    name: str
+    weights: dict[str, float]
+    arrivals: list[Arrival]
+    quiet: tuple[str, ...]  # whose dwell is reported
+    backlogged: tuple[str, ...] = TENANTS  # whose shares are compared
+
+
+def burst(tenant: str, count: int, ms: int, at: float = 0.0, flows: int = 1) -> list[Arrival]:
+    return [Arrival(at, tenant, ms, f"f{i % flows}") for i in range(count)]
+
+
+def trickle(tenant: str, every_s: float, until_s: float, ms: int) -> list[Arrival]:
+    return [Arrival(i * every_s, tenant, ms) for i in range(int(until_s / every_s))]
+
+
+def scenarios() -> dict[str, Scenario]:
+    even = {t: 1.0 for t in TENANTS}
+    return {
+        "balanced": Scenario(
+            "balanced", even, [a for t in TENANTS for a in burst(t, 150, 20)], ("c",)
+        ),
+        "weighted": Scenario(
+            "weighted 5:3:2",
+            {"a": 5, "b": 3, "c": 2},
+            [a for t in TENANTS for a in burst(t, 250, 20)],
+            ("c",),
+        ),
+        "noisy": Scenario(
+            "noisy neighbour",
+            even,
+            burst("a", 600, 20) + trickle("b", 0.1, 3.0, 20) + trickle("c", 0.1, 3.0, 20),
+            ("b", "c"),
+            ("a",),
+        ),
+        "quiet-alone": Scenario(
+            "quiet, no noise",
+            even,
+            trickle("b", 0.1, 3.0, 20) + trickle("c", 0.1, 3.0, 20),
+            ("b", "c"),
+            (),
+        ),
+        "sybil": Scenario(
+            "sybil (30 flows)",
+            even,
+            burst("a", 400, 20, flows=30) + burst("b", 400, 20),
+            ("b",),
+            ("a", "b"),
+        ),
+        "heavy": Scenario(
+            "heavy steps (10x)", even, burst("a", 60, 100) + burst("b", 600, 10), ("b",), ("a", "b")
+        ),
+        "idle-return": Scenario(
+            "idle-return",
+            even,
+            burst("a", 500, 20) + burst("b", 100, 20, at=1.5),
+            ("b",),
+            ("a", "b"),
+        ),
+        "trickle": Scenario(
+            "trickle", even, [a for t in TENANTS for a in trickle(t, 0.05, 3.0, 10)], TENANTS, ()
+        ),
+    }
+
+
+@dataclass
+class Run:
+    tasks: dict[str, tuple[str, float, float]] = field(
+        default_factory=dict
+    )  # id -> tenant, weight, enq
+    results: list[StepResult] = field(default_factory=list)
+
+
+async def run_one(
+    settings: Settings, scenario: Scenario, strategy: str, slots: int
+) -> dict[str, float]:
+    connection = await connect(settings, "bench-fairness")
+    channel = await open_channel(connection, prefetch=1000)
+    await topology.apply(channel)
+    redis = store.connect(settings)
+    tenants = TenantStore(redis, store.Keys(settings.redis_prefix))
+    for tenant in TENANTS:
+        await topology.declare_tenant_queue(channel, tenant)
+        await (await channel.get_queue(topology.tenant_queue_name(tenant))).purge()
+        await tenants.register(tenant)
+        await tenants.set_config(tenant, weight=scenario.weights.get(tenant, 1.0))
+    for name in (
+        topology.work_queue_name("default"),
+        topology.RESULTS_QUEUE,
+        topology.COMPLETIONS_QUEUE,
+    ):
+        await (await channel.get_queue(name)).purge()
+    run = Run()
+    done = asyncio.Event()
+    total = len(scenario.arrivals)
+
+    async def on_result(message: Any) -> None:
+        run.results.append(StepResult.model_validate_json(message.body))
+        if len(run.results) >= total:
+            done.set()
+
+    results = await channel.get_queue(topology.RESULTS_QUEUE)
+    await results.consume(on_result, no_ack=True)
+    processes = []
+    if strategy == "fair":
+        processes.append(spawn(settings, "dispatcher"))
+        worker_args = ["worker", "--concurrency", str(slots)]
+    elif strategy == "rr":
+        worker_args = ["worker", "--concurrency", str(slots)]
+        for tenant in TENANTS:
+            worker_args += ["--queue", topology.tenant_queue_name(tenant)]
+    else:
+        worker_args = ["worker", "--concurrency", str(slots)]
+    processes.append(spawn(settings, *worker_args))
+    await asyncio.sleep(3.0)
+    nonce = uuid.uuid4().hex[:6]  # attempt ids are never reused: the dispatcher drops repeats
+    try:
+        start = time.time()
+        for i, arrival in enumerate(sorted(scenario.arrivals, key=lambda a: a.at)):
+            delay = start + arrival.at - time.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            now = datetime.now(UTC)
+            task = StepTask(
+                task_id=f"{arrival.tenant}-{nonce}-{i}:s:1",
+                execution_id=f"{arrival.tenant}-{nonce}-{i}",
+                tenant=arrival.tenant,
+                flow_id=arrival.flow,
+                step_id="s",
+                step_type="demo.sleep",
+                attempt=1,
+                input={"ms": arrival.ms},
+                timeout_s=60,
+                deadline=now + timedelta(seconds=60),
+                enqueued_at=now,
+            )
+            run.tasks[task.task_id] = (
+                arrival.tenant,
+                scenario.weights.get(arrival.tenant, 1.0),
+                now.timestamp(),
+            )
+            if strategy == "fifo":
+                await publish(channel, task, exchange=topology.WORK, routing_key="default")
+            else:
+                await publish(channel, task)
+        await asyncio.wait_for(done.wait(), 600)
+    finally:
+        stop_all(processes)
+        await connection.close()
+        await redis.aclose()
+    return measure(scenario, run, start)
+
+
+def measure(scenario: Scenario, run: Run, start: float) -> dict[str, float]:
+    dwell: list[float] = []
+    last_start: dict[str, float] = defaultdict(float)
+    for result in run.results:
+        tenant, _, enqueued = run.tasks[result.task_id]
+        begun = result.started_at.timestamp()
+        last_start[tenant] = max(last_start[tenant], begun)
+        if tenant in scenario.quiet:
+            dwell.append(begun - enqueued)
+    # The comparison window: from the last backlogged tenant's first arrival until the first of
+    # them runs out of work.
+    window_start = max(
+        (min(v[2] for v in run.tasks.values() if v[0] == t) for t in scenario.backlogged),
+        default=start,
+    )
+    window_end = min((last_start[t] for t in scenario.backlogged), default=start)
+    served: dict[str, float] = defaultdict(float)
+    for result in run.results:
+        tenant = run.tasks[result.task_id][0]
+        begun = result.started_at.timestamp()
+        if tenant in scenario.backlogged and window_start <= begun <= window_end:
+            served[tenant] += (result.finished_at - result.started_at).total_seconds()
+    worst = jain = float("nan")
+    if len(scenario.backlogged) > 1 and served:
+        total_cost = sum(served.values())
+        total_weight = sum(scenario.weights.get(t, 1.0) for t in scenario.backlogged)
+        ratios = [
+            (served[t] / total_cost) / (scenario.weights.get(t, 1.0) / total_weight)
+            for t in scenario.backlogged
+        ]
+        worst = min(ratios)
+        normalised = [served[t] / scenario.weights.get(t, 1.0) for t in scenario.backlogged]
+        jain = sum(normalised) ** 2 / (len(normalised) * sum(x * x for x in normalised))
+    finished = max(r.finished_at.timestamp() for r in run.results)
+    makespan = finished - start
+    return {
+        "dwell_p50": percentile(dwell, 50) * 1000,
+        "dwell_p99": percentile(dwell, 99) * 1000,
+        "worst": worst,
+        "jain": jain,
+        "makespan": makespan,
+        "throughput": len(run.results) / makespan,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--slots", type=int, default=4)
+    parser.add_argument("--scenarios", default=",".join(scenarios()))
+    parser.add_argument("--strategies", default="fifo,rr,fair")
+    args = parser.parse_args()
+    chosen = [scenarios()[name] for name in args.scenarios.split(",")]
+    rows = []
+    with isolated_settings("fairness") as settings:
+        for scenario in chosen:
+            for strategy in args.strategies.split(","):
+                print(f"{scenario.name}: {strategy} ...", file=sys.stderr)
+                m = asyncio.run(run_one(settings, scenario, strategy, args.slots))
+                rows.append(
+                    [
+                        scenario.name,
+                        strategy,
+                        f"{m['dwell_p50']:.0f}",
+                        f"{m['dwell_p99']:.0f}",
+                        f"{m['worst']:.2f}",
+                        f"{m['jain']:.3f}",
+                        f"{m['makespan']:.2f}",
+                        f"{m['throughput']:.0f}",
+                    ]
+                )
+    print_table(
+        f"fairness ({args.slots} worker slots; dwell = enqueue -> start of quiet tenants' steps)",
+        [
+            "scenario",
+            "strategy",
+            "quiet dwell p50 ms",
+            "p99 ms",
+            "worst share/weight",
+            "Jain",
+            "makespan s",
+            "steps/s",
+        ],
+        rows,
+    )
+
+
+if __name__ == "__main__":
+    main()
