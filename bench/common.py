@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from orchestrator.config import Settings, load_settings
+from tests.integration.processes import process_env
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -69,14 +70,7 @@ def isolated_settings(name: str) -> Iterator[Settings]:
 
 
 def env_for(settings: Settings) -> dict[str, str]:
-    return {
-        **os.environ,
-        "ORCH_RABBITMQ_URL": str(settings.rabbitmq_url),
-        "ORCH_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-        "ORCH_REDIS_URL": str(settings.redis_url),
-        "ORCH_REDIS_PREFIX": settings.redis_prefix,
-        "ORCH_LOG_LEVEL": "WARNING",
-    }
+    return process_env(settings)
 
 
 def print_table(title: str, headers: list[str], rows: list[list[str]]) -> None:

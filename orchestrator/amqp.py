@@ -7,6 +7,7 @@ returns can never lose a message.
 
 from __future__ import annotations
 
+import uuid
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -21,7 +22,7 @@ from pydantic import ValidationError
 
 from orchestrator import topology
 from orchestrator.config import Settings
-from schemas import Message
+from schemas import Message, StatusEvent
 
 M = TypeVar("M", bound=Message)
 
@@ -156,3 +157,23 @@ async def dead_letter(
     exchange = await channel.get_exchange(topology.DEAD_LETTERS, ensure=False)
     await exchange.publish(copy, routing_key=queue, mandatory=True, timeout=PUBLISH_TIMEOUT_S)
     await incoming.ack()
+
+
+async def reject_invalid(
+    channel: AbstractChannel, incoming: AbstractIncomingMessage, queue: str, exc: InvalidMessage
+) -> None:
+    """Bad input: a `message.rejected` status event (subscribers learn of it), then the DLQ
+    with the reason (operators can inspect and replay it), then the ack. The consumer goes on."""
+    event = StatusEvent.build(
+        "message",
+        "rejected",
+        event_id=f"rejected:{incoming.message_id or uuid.uuid4().hex}",
+        data={
+            "queue": queue,
+            "reason": exc.reason,
+            "detail": exc.detail,
+            "message_id": incoming.message_id,
+        },
+    )
+    await publish(channel, event)
+    await dead_letter(channel, incoming, queue, exc.reason, exc.detail)

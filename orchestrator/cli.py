@@ -6,6 +6,7 @@ import asyncio
 import importlib
 import json
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from enum import IntEnum
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Annotated, Any
 
 import redis.asyncio as aioredis
 import typer
+from aio_pika.abc import AbstractRobustConnection
 from rich.console import Console
 from rich.table import Table
 
@@ -112,25 +114,20 @@ def up(
     console.print("[green]orchestrator is up[/green]: RabbitMQ, Kafka and Redis answer.")
     if check_only:
         return
-    start_metrics_server(settings.metrics_port)
 
-    async def main(stop: asyncio.Event) -> None:
-        redis = store.connect(settings)
-        connection = await connect(settings, "orchestrator-up")
-        try:
-            async with Worker(settings, connection, redis, concurrency=concurrency) as worker:
-                await asyncio.gather(
-                    Scheduler(settings, redis, connection).run(stop),
-                    Engine(settings, redis, connection).run(stop),
-                    Dispatcher(settings, redis, connection).run(stop),
-                    worker.run(stop),
-                )
-        finally:
-            await connection.close()
-            await redis.aclose()
+    async def everything(
+        redis: aioredis.Redis, connection: AbstractRobustConnection, stop: asyncio.Event
+    ) -> None:
+        async with Worker(settings, connection, redis, concurrency=concurrency) as worker:
+            await asyncio.gather(
+                Scheduler(settings, redis, connection).run(stop),
+                Engine(settings, redis, connection).run(stop),
+                Dispatcher(settings, redis, connection).run(stop),
+                worker.run(stop),
+            )
 
     console.print("scheduler, engine, dispatcher and worker running; Ctrl-C stops them")
-    asyncio.run(run_until_signalled(main))
+    serve(settings, "up", everything)
 
 
 @topology_app.command("apply")
@@ -173,6 +170,26 @@ def schemas_export(
 
 
 # ---------------------------------------------------------------- processes
+Body = Callable[[aioredis.Redis, AbstractRobustConnection, asyncio.Event], Awaitable[None]]
+
+
+def serve(settings: Settings, name: str, body: Body) -> None:
+    """Runs a long-lived process: metrics endpoint, one Redis pool and one RabbitMQ connection,
+    `body` until SIGTERM/SIGINT, then a clean close."""
+    start_metrics_server(settings.metrics_port)
+
+    async def main(stop: asyncio.Event) -> None:
+        redis = store.connect(settings)
+        connection = await connect(settings, f"orchestrator-{name}")
+        try:
+            await body(redis, connection, stop)
+        finally:
+            await connection.close()
+            await redis.aclose()
+
+    asyncio.run(run_until_signalled(main))
+
+
 @app.command()
 def scheduler(
     ingress: Annotated[
@@ -180,56 +197,30 @@ def scheduler(
     ] = True,
 ) -> None:
     """Runs a scheduler replica (run several: each tick still fires once)."""
-
     settings = settings_or_exit()
-    start_metrics_server(settings.metrics_port)
-
-    async def main(stop: asyncio.Event) -> None:
-        redis = store.connect(settings)
-        connection = await connect(settings, "orchestrator-scheduler")
-        try:
-            await Scheduler(settings, redis, connection).run(stop, ingress=ingress)
-        finally:
-            await connection.close()
-            await redis.aclose()
-
-    asyncio.run(run_until_signalled(main))
+    serve(
+        settings,
+        "scheduler",
+        lambda redis, amqp, stop: Scheduler(settings, redis, amqp).run(stop, ingress=ingress),
+    )
 
 
 @app.command()
 def engine() -> None:
     """Runs an engine replica (run several: any replica continues any execution)."""
     settings = settings_or_exit()
-    start_metrics_server(settings.metrics_port)
-
-    async def main(stop: asyncio.Event) -> None:
-        redis = store.connect(settings)
-        connection = await connect(settings, "orchestrator-engine")
-        try:
-            await Engine(settings, redis, connection).run(stop)
-        finally:
-            await connection.close()
-            await redis.aclose()
-
-    asyncio.run(run_until_signalled(main))
+    serve(settings, "engine", lambda redis, amqp, stop: Engine(settings, redis, amqp).run(stop))
 
 
 @app.command()
 def dispatcher() -> None:
     """Runs a dispatcher (run two: one is active, the other takes over within seconds)."""
     settings = settings_or_exit()
-    start_metrics_server(settings.metrics_port)
-
-    async def main(stop: asyncio.Event) -> None:
-        redis = store.connect(settings)
-        connection = await connect(settings, "orchestrator-dispatcher")
-        try:
-            await Dispatcher(settings, redis, connection).run(stop)
-        finally:
-            await connection.close()
-            await redis.aclose()
-
-    asyncio.run(run_until_signalled(main))
+    serve(
+        settings,
+        "dispatcher",
+        lambda redis, amqp, stop: Dispatcher(settings, redis, amqp).run(stop),
+    )
 
 
 @app.command()
@@ -253,27 +244,22 @@ def worker(
         except ImportError as exc:
             err_console.print(f"[red]error:[/red] cannot import step module {module!r}: {exc}")
             raise typer.Exit(ExitCode.USAGE) from None
-    start_metrics_server(settings.metrics_port)
 
-    async def main(stop: asyncio.Event) -> None:
-        redis = store.connect(settings)
-        connection = await connect(settings, "orchestrator-worker")
-        try:
-            async with Worker(
-                settings,
-                connection,
-                redis,
-                pool=pool,
-                concurrency=concurrency,
-                grace_s=grace,
-                queues=queue,
-            ) as running:
-                await running.run(stop)
-        finally:
-            await connection.close()
-            await redis.aclose()
+    async def work(
+        redis: aioredis.Redis, connection: AbstractRobustConnection, stop: asyncio.Event
+    ) -> None:
+        async with Worker(
+            settings,
+            connection,
+            redis,
+            pool=pool,
+            concurrency=concurrency,
+            grace_s=grace,
+            queues=queue,
+        ) as running:
+            await running.run(stop)
 
-    asyncio.run(run_until_signalled(main))
+    serve(settings, "worker", work)
 
 
 @workers_app.command("list")

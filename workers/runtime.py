@@ -22,10 +22,10 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobus
 from prometheus_client import Counter, Histogram
 
 from orchestrator import topology
-from orchestrator.amqp import InvalidMessage, dead_letter, decode, open_channel, publish
+from orchestrator.amqp import InvalidMessage, decode, open_channel, publish, reject_invalid
 from orchestrator.config import Settings
 from orchestrator.telemetry import bound_context, get_logger
-from schemas import StatusEvent, StepResult, StepTask, UsageEvent
+from schemas import StepResult, StepTask, UsageEvent
 from schemas.steps import StepError
 from workers.usage import Metered, UsageReporter, rss_bytes
 
@@ -235,14 +235,7 @@ class Worker:
         try:
             task = decode(incoming, StepTask)
         except InvalidMessage as exc:
-            event = StatusEvent.build(
-                "message",
-                "rejected",
-                event_id=f"rejected:{incoming.message_id or uuid.uuid4().hex}",
-                data={"queue": queue, "reason": exc.reason, "detail": exc.detail},
-            )
-            await publish(self.channel, event)
-            await dead_letter(self.channel, incoming, queue, exc.reason, exc.detail)
+            await reject_invalid(self.channel, incoming, queue, exc)
             return
         with bound_context(tenant=task.tenant, flow=task.flow_id, execution=task.execution_id):
             started_at = datetime.now(UTC)

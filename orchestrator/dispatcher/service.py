@@ -31,7 +31,14 @@ from aio_pika.abc import (
 from prometheus_client import Counter, Gauge, Histogram
 
 from orchestrator import topology
-from orchestrator.amqp import InvalidMessage, dead_letter, decode, open_channel, publish
+from orchestrator.amqp import (
+    InvalidMessage,
+    dead_letter,
+    decode,
+    open_channel,
+    publish,
+    reject_invalid,
+)
 from orchestrator.clock import Clock, SystemClock
 from orchestrator.config import Settings
 from orchestrator.dispatcher.fairness import FairQueue, Item
@@ -43,7 +50,6 @@ from schemas import (
     PenaltyCommand,
     QuarantineCommand,
     ReleaseCommand,
-    StatusEvent,
     StepResult,
     StepTask,
 )
@@ -264,14 +270,7 @@ class Dispatcher:
             task = decode(incoming, StepTask)
         except InvalidMessage as exc:
             assert self._channel is not None
-            event = StatusEvent.build(
-                "message",
-                "rejected",
-                event_id=f"rejected:{incoming.message_id or uuid.uuid4().hex}",
-                data={"queue": queue, "reason": exc.reason, "detail": exc.detail},
-            )
-            await publish(self._channel, event)
-            await dead_letter(self._channel, incoming, queue, exc.reason, exc.detail)
+            await reject_invalid(self._channel, incoming, queue, exc)
             return
         if await self.redis.exists(self._dispatched_key(task.task_id)):
             await incoming.ack()  # already released before a takeover

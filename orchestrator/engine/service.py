@@ -11,7 +11,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobus
 from prometheus_client import Counter
 
 from orchestrator import topology
-from orchestrator.amqp import InvalidMessage, dead_letter, decode, open_channel, publish
+from orchestrator.amqp import InvalidMessage, decode, open_channel, publish, reject_invalid
 from orchestrator.clock import Clock, SystemClock, from_ms, to_ms
 from orchestrator.config import Settings
 from orchestrator.engine.machine import Effects, Execution, Timer, Transition, new_execution
@@ -113,20 +113,7 @@ class Engine:
         self, incoming: AbstractIncomingMessage, queue: str, exc: InvalidMessage
     ) -> None:
         REJECTED.labels(exc.reason).inc()
-        event = StatusEvent.build(
-            "message",
-            "rejected",
-            event_id=f"rejected:{incoming.message_id or id(incoming)}",
-            data={
-                "queue": queue,
-                "reason": exc.reason,
-                "detail": exc.detail,
-                "message_id": incoming.message_id,
-            },
-        )
-        channel = await self.channel()
-        await publish(channel, event)
-        await dead_letter(channel, incoming, queue, exc.reason, exc.detail)
+        await reject_invalid(await self.channel(), incoming, queue, exc)
 
     # ------------------------------------------------------------------ inputs
     async def _on_execution(self, incoming: AbstractIncomingMessage, queue: str) -> None:

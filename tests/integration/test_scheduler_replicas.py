@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from orchestrator.config import Settings
 from orchestrator.store.flows import FlowRegistry
 from schemas import FlowDefinition
 from tests.integration.helpers import body, drain, fresh_settings, purged
+from tests.integration.processes import process_env
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -27,17 +27,6 @@ FLOWS = 200
 REPLICAS = 3
 RUN_S = 14.0
 KILL_AT_S = 6.0
-
-
-def process_env(settings: Settings) -> dict[str, str]:
-    return {
-        **os.environ,
-        "ORCH_RABBITMQ_URL": str(settings.rabbitmq_url),
-        "ORCH_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-        "ORCH_REDIS_URL": str(settings.redis_url),
-        "ORCH_REDIS_PREFIX": settings.redis_prefix,
-        "ORCH_LOG_LEVEL": "WARNING",
-    }
 
 
 def start_scheduler(settings: Settings) -> subprocess.Popen[bytes]:
