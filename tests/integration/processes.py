@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from typing import Any
 
 from orchestrator.config import Settings
 
@@ -21,12 +22,18 @@ def process_env(settings: Settings, **extra: str) -> dict[str, str]:
     }
 
 
+def _log_target() -> Any:
+    """Where spawned processes log: nowhere, or ORCH_TEST_PROCESS_LOG when debugging a test."""
+    path = os.environ.get("ORCH_TEST_PROCESS_LOG")
+    return subprocess.DEVNULL if not path else open(path, "ab")
+
+
 def spawn(settings: Settings, *args: str, **extra: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-m", "orchestrator", *args],
         env=process_env(settings, **extra),
         stdout=subprocess.DEVNULL,
-        stderr=open(os.environ.get("ORCH_TEST_PROCESS_LOG", os.devnull), "ab"),
+        stderr=_log_target(),
     )
 
 
