@@ -279,7 +279,11 @@ class Dispatcher:
         if key not in self.max_parallel:
             definition = await self.flows.get(task.tenant, task.flow_id)
             self.max_parallel[key] = definition.max_parallel if definition else 1_000
-        estimate = self.estimates.get((task.tenant, task.step_type), DEFAULT_COST_S)
+        # A tenant's own history of the step type, else everyone's, else a default: a new
+        # tenant is charged the typical cost, not a guess that under- or over-serves it.
+        estimate = self.estimates.get(
+            (task.tenant, task.step_type), self.estimates.get(("", task.step_type), DEFAULT_COST_S)
+        )
         self.queue.push(
             Item(task.task_id, task.tenant, task.flow_id, estimate, Held(task, incoming))
         )
@@ -296,8 +300,9 @@ class Dispatcher:
             cost = max(0.0, (result.finished_at - result.started_at).total_seconds())
             held: Held = item.payload
             estimate_key = (item.tenant, held.task.step_type)
-            previous = self.estimates.get(estimate_key, cost)
-            self.estimates[estimate_key] = (1 - EWMA_ALPHA) * previous + EWMA_ALPHA * cost
+            for key in (estimate_key, ("", held.task.step_type)):
+                previous = self.estimates.get(key, cost)
+                self.estimates[key] = (1 - EWMA_ALPHA) * previous + EWMA_ALPHA * cost
             self.queue.complete(item, cost)
             COST_SERVED.labels(item.tenant).inc(cost)
         await incoming.ack()
