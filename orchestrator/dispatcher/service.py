@@ -172,8 +172,14 @@ class Dispatcher:
                         refreshed = now
                     await self._dispatch()
                 self._wake.clear()
+                elapsed = time.monotonic()
+                due = (
+                    min(refreshed + REFRESH_S, renewed + RENEW_S)
+                    if self.leader
+                    else renewed + RENEW_S
+                )
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), REFRESH_S if self.leader else RENEW_S)
+                    await asyncio.wait_for(self._wake.wait(), max(0.01, due - elapsed))
         finally:
             with contextlib.suppress(Exception):
                 await control.cancel(control_tag)

@@ -105,7 +105,7 @@ async def rig(
 async def test_weights_5_3_2_under_full_backlog(rig: Rig) -> None:
     for tenant, weight in (("ta", 5), ("tb", 3), ("tc", 2)):
         await rig.tenants.set_config(tenant, weight=weight)
-    await asyncio.sleep(0.6)  # one refresh
+    await asyncio.sleep(1.0)  # the dispatcher re-reads tenant settings every 0.5 s
     for tenant in ("ta", "tb", "tc"):
         await rig.enqueue(tenant, 80)
     order = await rig.completions(100)

@@ -138,3 +138,25 @@ def test_ties_do_not_depend_on_tenant_names() -> None:
     assert a is not None
     assert b is not None
     assert (a.tenant, b.tenant) == ("zzz", "aaa")  # first seen goes first
+
+
+def test_overestimated_costs_keep_the_weighted_split() -> None:
+    """Estimates 5x too high, corrected as steps complete (six in flight): still 5:3:2."""
+    queue = FairQueue()
+    for tenant, weight in (("a", 5), ("b", 3), ("c", 2)):
+        queue.set_weight(tenant, weight)
+        for _ in range(300):
+            queue.push(item(tenant, cost=0.1))
+    in_flight: list[Item] = []
+    served: Counter[str] = Counter()
+    for n in range(200):
+        picked = queue.pick()
+        assert picked is not None
+        in_flight.append(picked)
+        if len(in_flight) > 6:
+            queue.complete(in_flight.pop(0), 0.02)
+        if 10 <= n < 190:
+            served[picked.tenant] += 1
+    assert abs(served["a"] - 90) <= 3, served
+    assert abs(served["b"] - 54) <= 3, served
+    assert abs(served["c"] - 36) <= 3, served
