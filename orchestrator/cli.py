@@ -31,6 +31,7 @@ from orchestrator.scheduler.service import Scheduler
 from orchestrator.store.admission import AdmissionStore
 from orchestrator.store.flows import FlowRegistry
 from orchestrator.store.tenants import TenantStore
+from orchestrator.store.workers import live_workers
 from orchestrator.telemetry import configure_logging, start_metrics_server
 from schemas import FlowStartRequested, PenaltyCommand, QuarantineCommand, ReleaseCommand
 from workers import Worker
@@ -270,15 +271,7 @@ def workers_list() -> None:
     async def read() -> list[dict[str, Any]]:
         redis = store.connect(settings)
         try:
-            index = f"{settings.redis_prefix}workers"
-            ids = sorted(str(i) for i in await redis.smembers(index))
-            raws = (
-                await redis.mget([f"{settings.redis_prefix}worker:{i}" for i in ids]) if ids else []
-            )
-            gone = [i for i, raw in zip(ids, raws, strict=True) if raw is None]
-            if gone:
-                await redis.srem(index, *gone)
-            return [json.loads(raw) for raw in raws if raw is not None]
+            return await live_workers(redis, store.Keys(settings.redis_prefix))
         finally:
             await redis.aclose()
 

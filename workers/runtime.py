@@ -24,6 +24,7 @@ from prometheus_client import Counter, Histogram
 from orchestrator import topology
 from orchestrator.amqp import InvalidMessage, decode, open_channel, publish, reject_invalid
 from orchestrator.config import Settings
+from orchestrator.store import Keys
 from orchestrator.telemetry import bound_context, get_logger
 from schemas import StepResult, StepTask, UsageEvent
 from schemas.steps import StepError
@@ -135,8 +136,9 @@ class Worker:
         self.in_flight: dict[str, asyncio.Task[None]] = {}
         self._slots = asyncio.Semaphore(concurrency)
         self._channel: AbstractChannel | None = None
-        self._registry_key = f"{settings.redis_prefix}worker:{self.worker_id}"
-        self._registry_index = f"{settings.redis_prefix}workers"
+        keys = Keys(settings.redis_prefix)
+        self._registry_key = keys.worker(self.worker_id)
+        self._registry_index = keys.workers
 
     async def __aenter__(self) -> Worker:
         # Prefetch is per consumer (quorum queues refuse a channel-wide limit); with several

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import socket
 import time
@@ -33,7 +32,6 @@ from prometheus_client import Counter, Gauge, Histogram
 from orchestrator import topology
 from orchestrator.amqp import (
     InvalidMessage,
-    dead_letter,
     decode,
     open_channel,
     publish,
@@ -45,6 +43,7 @@ from orchestrator.dispatcher.fairness import FairQueue, Item
 from orchestrator.store import Keys
 from orchestrator.store.flows import FlowRegistry
 from orchestrator.store.tenants import TenantPolicy, TenantStore
+from orchestrator.store.workers import live_workers
 from orchestrator.telemetry import get_logger
 from schemas import (
     PenaltyCommand,
@@ -245,11 +244,7 @@ class Dispatcher:
         self._expire_in_flight()
 
     async def _live_capacity(self) -> int:
-        ids = [str(i) for i in await self.redis.smembers(f"{self.keys.prefix}workers")]
-        if not ids:
-            return 0
-        raws = await self.redis.mget([f"{self.keys.prefix}worker:{i}" for i in ids])
-        return sum(int(json.loads(raw)["concurrency"]) for raw in raws if raw)
+        return sum(int(entry["concurrency"]) for entry in await live_workers(self.redis, self.keys))
 
     def _eligible(self, tenant: str, flow: str) -> bool:
         policy = self.policies.get(tenant)
@@ -331,7 +326,7 @@ class Dispatcher:
                 )
         except InvalidMessage as exc:
             queue = topology.CONTROL_QUEUE
-            await dead_letter(self._control, incoming, queue, exc.reason, exc.detail)
+            await reject_invalid(self._control, incoming, queue, exc)
             return
         applied = await self.tenants.apply(command, self.clock.now())
         if applied and self.leader:

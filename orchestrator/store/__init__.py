@@ -36,6 +36,11 @@ class Keys:
         self.due = f"{prefix}due"  # zset member -> fire-at (epoch ms, jitter included)
         self.nominal = f"{prefix}nominal"  # hash member -> nominal fire time (epoch ms)
         self.buffered_index = f"{prefix}buffered"  # set of members with a waiting execution
+        self.workers = f"{prefix}workers"  # set of worker ids (the registry's index)
+
+    def worker(self, worker_id: str) -> str:
+        """A worker's heartbeat entry; it expires when the worker stops beating."""
+        return f"{self.prefix}worker:{worker_id}"
 
     def flow(self, member: str) -> str:
         return f"{self.prefix}flow:{member}"
