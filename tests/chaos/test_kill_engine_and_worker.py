@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import uuid
 from collections import defaultdict
 from datetime import UTC, datetime
 from typing import Any
@@ -13,12 +12,18 @@ import pytest
 from aio_pika.abc import AbstractChannel
 
 from orchestrator import store, topology
-from orchestrator.amqp import publish
 from orchestrator.config import Settings
 from orchestrator.engine.store import ExecutionStore
 from orchestrator.store.flows import FlowRegistry
-from schemas import ExecutionRequested, FlowDefinition
-from tests.integration.helpers import body, drain, fresh_settings, get_one, reset_queues
+from schemas import FlowDefinition
+from tests.integration.helpers import (
+    body,
+    drain,
+    fresh_settings,
+    get_one,
+    request_execution,
+    reset_queues,
+)
 from tests.integration.processes import spawn, stop_all
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -32,21 +37,6 @@ async def _prepare(settings: Settings, channel: AbstractChannel, flow: dict[str,
         [definition], datetime.now(UTC)
     )
     return redis
-
-
-async def _request(channel: AbstractChannel, flow_id: str) -> str:
-    execution_id = str(uuid.uuid4())
-    await publish(
-        channel,
-        ExecutionRequested(
-            execution_id=execution_id,
-            fire_id=f"acme/{flow_id}#{execution_id}",
-            tenant="acme",
-            flow_id=flow_id,
-            trigger="manual",
-        ),
-    )
-    return execution_id
 
 
 async def _cleanup(redis: Any, settings: Settings) -> None:
@@ -68,7 +58,7 @@ async def test_killed_worker_step_is_redelivered_and_execution_succeeds(
     processes = [engine, spawn(test_settings, "dispatcher"), first]
     try:
         await asyncio.sleep(2.0)
-        execution_id = await _request(channel, "slow")
+        execution_id = await request_execution(channel, "slow")
         # Wait until the worker holds the step: the registry says so in its heartbeat, the
         # work queue says so in its unacked count. A 3 s step leaves time for both.
         work = await channel.get_queue(topology.work_queue_name("default"))
@@ -120,7 +110,7 @@ async def test_killed_engine_under_load_every_execution_ends_once(
     executions: list[str] = []
     try:
         await asyncio.sleep(2.5)
-        executions = [await _request(channel, "chain") for _ in range(200)]
+        executions = [await request_execution(channel, "chain") for _ in range(200)]
         await asyncio.sleep(1.0)
         engines[0].send_signal(signal.SIGKILL)
         engines[0].wait(timeout=10)

@@ -10,7 +10,9 @@ from typing import Any
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
 from orchestrator import topology
+from orchestrator.amqp import publish
 from orchestrator.config import Settings
+from schemas import ExecutionRequested
 
 
 def fresh_settings(settings: Settings, **overrides: Any) -> Settings:
@@ -70,3 +72,19 @@ async def reset_queues(channel: AbstractChannel, tenant: str = "acme") -> None:
         topology.tenant_queue_name(tenant),
     ):
         await purged(channel, name)
+
+
+async def request_execution(channel: AbstractChannel, flow_id: str, tenant: str = "acme") -> str:
+    """Asks the engine for an execution directly (as the scheduler would after admission)."""
+    execution_id = str(uuid.uuid4())
+    await publish(
+        channel,
+        ExecutionRequested(
+            execution_id=execution_id,
+            fire_id=f"{tenant}/{flow_id}#{execution_id}",
+            tenant=tenant,
+            flow_id=flow_id,
+            trigger="manual",
+        ),
+    )
+    return execution_id

@@ -15,13 +15,12 @@ from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 from aiokafka import AIOKafkaConsumer
 
 from orchestrator import store, topology
-from orchestrator.amqp import publish
 from orchestrator.config import Settings
 from orchestrator.dispatcher.service import Dispatcher
 from orchestrator.engine.service import Engine
 from orchestrator.store.flows import FlowRegistry
-from schemas import ExecutionRequested, FlowDefinition, UsageEvent
-from tests.integration.helpers import body, fresh_settings, get_one, reset_queues
+from schemas import FlowDefinition, UsageEvent
+from tests.integration.helpers import body, fresh_settings, get_one, request_execution, reset_queues
 from tests.integration.processes import process_env, spawn, stop_all
 from workers import Worker
 from workers import builtin as _builtin  # noqa: F401 - registers demo.* steps
@@ -40,21 +39,6 @@ async def _setup(settings: Settings, channel: AbstractChannel, steps: list[dict[
         [definition], datetime.now(UTC)
     )
     return redis
-
-
-async def _start(channel: AbstractChannel) -> str:
-    execution_id = str(uuid.uuid4())
-    await publish(
-        channel,
-        ExecutionRequested(
-            execution_id=execution_id,
-            fire_id=f"acme/w#{execution_id}",
-            tenant="acme",
-            flow_id="w",
-            trigger="manual",
-        ),
-    )
-    return execution_id
 
 
 async def _wait_terminal(feed: Any, *execution_ids: str) -> set[str]:
@@ -84,7 +68,7 @@ async def test_usage_of_each_attempt_reaches_kafka(
             asyncio.create_task(worker.run(stop)),
             asyncio.create_task(Dispatcher(test_settings, redis, amqp).run(stop)),
         ]
-        execution_id = await _start(channel)
+        execution_id = await request_execution(channel, "w")
         assert await _wait_terminal(feed, execution_id) == {"succeeded"}
         stop.set()
         await asyncio.gather(*tasks)
@@ -127,7 +111,7 @@ async def test_step_completes_while_kafka_is_unreachable(
             asyncio.create_task(Dispatcher(test_settings, redis, amqp).run(stop)),
         ]
         try:
-            ids = [await _start(channel) for _ in range(5)]
+            ids = [await request_execution(channel, "w") for _ in range(5)]
             # Usage could not be sent, the steps ran anyway.
             assert await _wait_terminal(feed, *ids) == {"succeeded"}
             assert len(reporter.buffer) == 3  # kept for a retry, bounded: oldest dropped
@@ -166,7 +150,7 @@ async def test_registry_lists_workers_and_sigterm_drains(
         )
         assert "demo.sleep" in listed.stdout
         assert "default" in listed.stdout
-        execution_id = await _start(channel)
+        execution_id = await request_execution(channel, "w")
         await asyncio.sleep(1.0)  # the 2.5 s step is running
         worker.send_signal(signal.SIGTERM)
         assert await _wait_terminal(feed, execution_id) == {"succeeded"}
