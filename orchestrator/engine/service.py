@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 
 import redis.asyncio as aioredis
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
@@ -182,53 +183,53 @@ class Engine:
         await incoming.ack()
 
     async def apply_result(self, result: StepResult) -> None:
-        now = self.clock.now()
         recorded = False
 
-        async def mutate(current: Execution | None) -> tuple[Execution, Effects] | None:
-            nonlocal recorded
-            if current is None:
-                return None
-            transition = Transition(current, now)
-            effects = transition.result(result)
-            if not effects:
-                return None
-            if result.kind == "action" and not recorded:
-                recorded = True
-                step_type = current.definition.step(result.step_id).type
-                await self.store.breaker_record(
-                    step_type,
-                    success=result.outcome == "succeeded",
-                    now_ms=to_ms(now),
-                    threshold=self.settings.breaker_threshold,
-                    cooldown_ms=self.cooldown_ms,
-                )
-            await self._apply_breakers(transition)
-            self._count(current)
-            return current, transition.effects
+        async def record_breaker(execution: Execution, now: datetime) -> None:
+            nonlocal recorded  # once, even if the transaction is retried
+            if result.kind != "action" or recorded:
+                return
+            recorded = True
+            await self.store.breaker_record(
+                execution.definition.step(result.step_id).type,
+                success=result.outcome == "succeeded",
+                now_ms=to_ms(now),
+                threshold=self.settings.breaker_threshold,
+                cooldown_ms=self.cooldown_ms,
+            )
 
-        await self.store.transact(result.execution_id, mutate)
-        await self._flush(result.execution_id)
+        await self._advance(result.execution_id, lambda t: t.result(result), record_breaker)
 
     async def fire_timer(self, member: str) -> None:
         execution_id, kind, step_id, attempt = member.split("|")
+        timer = Timer(kind, step_id, int(attempt), self.clock.now())  # type: ignore[arg-type]
+        await self._advance(execution_id, lambda t: t.timer(timer))
+        await self.store.drop_timer(member)
+
+    async def _advance(
+        self,
+        execution_id: str,
+        move: Callable[[Transition], Effects],
+        on_change: Callable[[Execution, datetime], Awaitable[None]] | None = None,
+    ) -> None:
+        """One transition of an existing execution, committed with its effects, then flushed.
+        A move that changes nothing (duplicate, stale attempt) commits nothing."""
         now = self.clock.now()
-        timer = Timer(kind, step_id, int(attempt), now)  # type: ignore[arg-type]
 
         async def mutate(current: Execution | None) -> tuple[Execution, Effects] | None:
             if current is None:
                 return None
             transition = Transition(current, now)
-            effects = transition.timer(timer)
-            if not effects:
+            if not move(transition):
                 return None
+            if on_change is not None:
+                await on_change(current, now)
             await self._apply_breakers(transition)
             self._count(current)
             return current, transition.effects
 
         await self.store.transact(execution_id, mutate)
         await self._flush(execution_id)
-        await self.store.drop_timer(member)
 
     async def _apply_breakers(self, transition: Transition) -> None:
         """Holds back dispatches whose step type's circuit breaker is open."""
