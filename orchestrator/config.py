@@ -43,6 +43,10 @@ class Settings(BaseSettings):
     breaker_threshold: Annotated[int, Field(ge=1, le=1000)] = 5
     breaker_cooldown_s: Annotated[float, Field(gt=0, le=86_400)] = 30.0
     engine_prefetch: Annotated[int, Field(ge=1, le=10_000)] = 64
+    # Dispatcher: at most this fraction of the live worker slots is released ahead into the
+    # work queues (the dispatcher sizes it from the measured round trip; see dispatcher.md).
+    # Each such step keeps a slot from idling, and is one a newly active tenant may wait behind.
+    dispatcher_headroom: Annotated[float, Field(ge=0, le=4)] = 1.0
     # Finished executions stay readable in Redis this long (status, outputs), then expire.
     execution_ttl_s: Annotated[int, Field(ge=60, le=90 * 86_400)] = 7 * 86_400
     # Refuse flow-start requests without an AMQP user_id (the broker-validated tenant).

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import socket
 import time
@@ -58,8 +59,12 @@ log = get_logger(__name__)
 HEAD_BUFFER = 16  # prefetch per tenant queue: the candidates the fair order chooses among
 LEASE_MS = 3_000
 RENEW_S = 1.0
+LEASE_MARGIN_S = 0.5
 REFRESH_S = 0.5
-DISPATCHED_MEMORY_S = 3_600
+# A released step's tenant-queue message is acked right after its marker is written, so a
+# copy can only come back to a new leader if the old one died in between: it comes back as soon
+# as the broker notices the dead connection (at worst a few heartbeat intervals).
+DISPATCHED_MEMORY_S = 600
 EWMA_ALPHA = 0.2
 DEFAULT_COST_S = 0.1
 IN_FLIGHT_GRACE = timedelta(seconds=30)
@@ -79,6 +84,12 @@ QUARANTINED = Gauge("orchestrator_tenant_quarantined", "1 while quarantined", ["
 _RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
 end
 return 0
 """
@@ -128,6 +139,7 @@ class Dispatcher:
         self.flows = FlowRegistry(redis, keys)
         self.lease_key = f"{keys.prefix}dispatcher:leader"
         self._renew = redis.register_script(_RENEW)
+        self._release_lease = redis.register_script(_RELEASE)
         self.queue = FairQueue()
         self.policies: dict[str, TenantPolicy] = {}
         self.buckets: dict[str, Bucket] = {}
@@ -137,7 +149,10 @@ class Dispatcher:
         self.per_tenant: dict[str, int] = {}
         self.per_flow: dict[tuple[str, str], int] = {}
         self.window = 1
+        self.step_s = DEFAULT_COST_S  # EWMA of step slot time
+        self.round_trip_s = 0.01  # EWMA of dispatch -> completion seen, minus the step itself
         self.leader = False
+        self._lease_until = 0.0  # monotonic deadline of the lease we hold
         self._wake = asyncio.Event()
         self._consumers: list[tuple[AbstractQueue, str]] = []
         self._consumed: set[str] = set()
@@ -151,46 +166,60 @@ class Dispatcher:
         control = await self._control.get_queue(topology.CONTROL_QUEUE)
         control_tag = await control.consume(self._on_control)
         log.info("dispatcher.started", id=self.id)
-        renewed = refreshed = 0.0
+        lease = asyncio.create_task(self._keep_lease(stop), name="dispatcher-lease")
+        refreshed = 0.0
         try:
             while not stop.is_set():
-                # Lease and refresh run on their own clocks; a wake (new step, completion,
-                # command) only dispatches, so a busy dispatcher does no extra Redis work.
-                now = time.monotonic()
-                if now - renewed >= RENEW_S or not self.leader:
-                    holding = await self._hold_lease()
-                    renewed = now
-                    if holding and not self.leader:
-                        await self._become_leader()
-                        refreshed = 0.0
-                    elif not holding and self.leader:
-                        await self._step_down()
+                # A wake (new step, completion, command, lease change) dispatches; the
+                # refresh runs on its own clock, so a busy dispatcher does no extra Redis work.
+                if self._holding() and not self.leader:
+                    await self._become_leader()
+                    refreshed = 0.0
+                elif not self._holding() and self.leader:
+                    await self._step_down()
                 if self.leader:
-                    if now - refreshed >= REFRESH_S:
+                    if time.monotonic() - refreshed >= REFRESH_S:
                         await self._refresh()
-                        refreshed = now
+                        refreshed = time.monotonic()
                     await self._dispatch()
                 self._wake.clear()
-                elapsed = time.monotonic()
-                due = (
-                    min(refreshed + REFRESH_S, renewed + RENEW_S)
-                    if self.leader
-                    else renewed + RENEW_S
-                )
+                due = refreshed + REFRESH_S if self.leader else time.monotonic() + RENEW_S
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), max(0.01, due - elapsed))
+                    await asyncio.wait_for(self._wake.wait(), max(0.01, due - time.monotonic()))
         finally:
+            lease.cancel()
+            with contextlib.suppress(BaseException):
+                await lease
             with contextlib.suppress(Exception):
                 await control.cancel(control_tag)
             if self.leader:
                 await self._step_down()
-                await self.redis.delete(self.lease_key)
+                await self._release_lease(keys=[self.lease_key], args=[self.id])
             log.info("dispatcher.stopped", id=self.id)
 
-    async def _hold_lease(self) -> bool:
-        if self.leader:
-            return bool(await self._renew(keys=[self.lease_key], args=[self.id, LEASE_MS]))
-        return bool(await self.redis.set(self.lease_key, self.id, nx=True, px=LEASE_MS))
+    async def _keep_lease(self, stop: asyncio.Event) -> None:
+        """Takes or renews the lease every RENEW_S on its own task, so nothing the dispatch
+        loop waits for (a slow confirm, a big batch) can let the lease lapse unnoticed."""
+        while not stop.is_set():
+            asked = time.monotonic()
+            try:
+                if self._lease_until > asked:
+                    held = await self._renew(keys=[self.lease_key], args=[self.id, LEASE_MS])
+                else:
+                    held = await self.redis.set(self.lease_key, self.id, nx=True, px=LEASE_MS)
+            except (aioredis.RedisError, OSError) as exc:
+                log.warning("dispatcher.lease_error", error=str(exc))
+                held = False
+            was = self._holding()
+            # Counted from when we asked: the lease can only have started later than that.
+            self._lease_until = asked + LEASE_MS / 1000 if held else 0.0
+            if self._holding() != was:
+                self._wake.set()
+            await asyncio.sleep(RENEW_S)
+
+    def _holding(self) -> bool:
+        # A safety margin: stop releasing before the lease could have passed to a standby.
+        return time.monotonic() < self._lease_until - LEASE_MARGIN_S
 
     async def _become_leader(self) -> None:
         log.info("dispatcher.leading", id=self.id)
@@ -237,11 +266,18 @@ class Dispatcher:
             else:
                 self.buckets.pop(tenant, None)
         capacity = await self._live_capacity()
-        # Half a slot's worth of headroom per worker keeps the next step waiting in the work
-        # queue, so a slot never idles for the completion -> dispatch -> delivery round trip
-        # (several quorum-queue commits); the fair decision is still at most that early.
-        self.window = max(1, capacity + (capacity + 1) // 2)
+        self.window = self._window(capacity)
         self._expire_in_flight()
+
+    def _window(self, capacity: int) -> int:
+        """Live slots plus headroom: steps that wait in the work queue so a freed slot does
+        not idle for the completion -> release -> delivery round trip. By Little's law the
+        round trip holds throughput x round trip = capacity x round trip / step time steps;
+        both are measured (EWMAs), and the headroom is capped at a fraction of the slots.
+        Every headroom step is one a newly active tenant may wait behind, so no more than that."""
+        ratio = self.round_trip_s / max(self.step_s, 1e-3)
+        wanted = math.ceil(capacity * min(ratio, self.settings.dispatcher_headroom))
+        return max(1, capacity + wanted)
 
     async def _live_capacity(self) -> int:
         return sum(int(entry["concurrency"]) for entry in await live_workers(self.redis, self.keys))
@@ -296,9 +332,13 @@ class Dispatcher:
         except InvalidMessage:
             await incoming.ack()  # the engine's copy of the same message is dead-lettered
             return
+        entry = self.in_flight.get(result.task_id)
         item = self._forget(result.task_id)
-        if item is not None:
+        if item is not None and entry is not None:
             cost = max(0.0, (result.finished_at - result.started_at).total_seconds())
+            overhead = max(0.0, time.monotonic() - entry[1] - cost)
+            self.step_s += EWMA_ALPHA * (cost - self.step_s)
+            self.round_trip_s += EWMA_ALPHA * (min(overhead, 1.0) - self.round_trip_s)
             held: Held = item.payload
             estimate_key = (item.tenant, held.task.step_type)
             for key in (estimate_key, ("", held.task.step_type)):
@@ -366,35 +406,64 @@ class Dispatcher:
 
     # ------------------------------------------------------------------ dispatch
     async def _dispatch(self) -> None:
-        """Releases steps in fair order while the workers have free slots."""
-        while len(self.in_flight) < self.window and self._channel is not None:
-            item = self.queue.pick(self._eligible)
-            if item is None:
+        """Releases steps in fair order while the workers have free slots.
+
+        All the steps that fit are picked first, then published together (their confirms
+        overlap), their dispatched markers written in one round trip, and only then acked:
+        the latency of a release is one confirm, however many slots came free at once."""
+        while self._channel is not None and self._holding():
+            batch: list[Item] = []
+            while len(self.in_flight) < self.window:
+                item = self.queue.pick(self._eligible)
+                if item is None:
+                    break
+                task: StepTask = item.payload.task
+                # Counted in flight *before* the publish: a fast step's completion can arrive
+                # while we still wait for the confirm, and must find its entry.
+                self.in_flight[task.task_id] = (item, time.monotonic())
+                self.per_tenant[task.tenant] = self.per_tenant.get(task.tenant, 0) + 1
+                flow_key = (task.tenant, task.flow_id)
+                self.per_flow[flow_key] = self.per_flow.get(flow_key, 0) + 1
+                IN_FLIGHT.labels(task.tenant).inc()
+                bucket = self.buckets.get(task.tenant)
+                if bucket is not None:
+                    bucket.take()
+                batch.append(item)
+            if not batch:
                 return
+            await self._release(self._channel, batch)
+
+    async def _release(self, channel: AbstractChannel, batch: list[Item]) -> None:
+        outcomes = await asyncio.gather(
+            *(
+                publish(channel, item.payload.task, exchange=exchange, routing_key=key)
+                for item in batch
+                for exchange, key in [topology.work_route(item.payload.task)]
+            ),
+            return_exceptions=True,
+        )
+        released = [item for item, outcome in zip(batch, outcomes, strict=True) if outcome is None]
+        for item, outcome in zip(batch, outcomes, strict=True):
+            if outcome is not None:
+                # Not confirmed: forget it here; its tenant-queue message stays unacked and
+                # comes back when the channel is recycled below.
+                self._forget(item.key)
+                log.warning("dispatcher.publish_failed", task_id=item.key, error=str(outcome))
+        if released:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for item in released:
+                    pipe.set(self._dispatched_key(item.key), "1", ex=DISPATCHED_MEMORY_S)
+                await pipe.execute()
+        now = self.clock.now()
+        for item in released:
             held: Held = item.payload
-            task = held.task
-            flow_key = (task.tenant, task.flow_id)
-            # Counted in flight *before* the publish: a fast step's completion can arrive
-            # while we still wait for the confirm, and must find its entry.
-            self.in_flight[task.task_id] = (item, time.monotonic())
-            self.per_tenant[task.tenant] = self.per_tenant.get(task.tenant, 0) + 1
-            self.per_flow[flow_key] = self.per_flow.get(flow_key, 0) + 1
-            exchange, routing_key = topology.work_route(task)
-            try:
-                await publish(self._channel, task, exchange=exchange, routing_key=routing_key)
-            except Exception:
-                self._forget(task.task_id)
-                raise
-            await self.redis.set(self._dispatched_key(task.task_id), "1", ex=DISPATCHED_MEMORY_S)
             await held.incoming.ack()
-            bucket = self.buckets.get(task.tenant)
-            if bucket is not None:
-                bucket.take()
-            DISPATCHED.labels(task.tenant).inc()
-            IN_FLIGHT.labels(task.tenant).inc()
-            DWELL.labels(task.tenant).observe(
-                max(0.0, (self.clock.now() - task.enqueued_at).total_seconds())
+            DISPATCHED.labels(held.task.tenant).inc()
+            DWELL.labels(held.task.tenant).observe(
+                max(0.0, (now - held.task.enqueued_at).total_seconds())
             )
+        if len(released) < len(batch):
+            raise RuntimeError("work-queue publish not confirmed")
 
     def snapshot(self) -> dict[str, Any]:
         return {

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
+import urllib.request
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -12,6 +14,7 @@ from typing import Any
 
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractQueue, AbstractRobustConnection
+from prometheus_client.parser import text_string_to_metric_families
 
 from orchestrator import store, topology
 from orchestrator.amqp import publish
@@ -182,6 +185,53 @@ async def test_killed_active_dispatcher_loses_nothing(
         stop_all([*dispatchers, worker])
         for tenant in TENANTS:
             await purged(channel, topology.tenant_queue_name(tenant))
+        async for key in redis.scan_iter(match=f"{test_settings.redis_prefix}*"):
+            await redis.delete(key)
+        await redis.aclose()
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _scrape(port: int) -> dict[tuple[str, str], float]:
+    """Samples of the dispatcher's /metrics by (name, tenant label)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    return {
+        (sample.name, sample.labels.get("tenant", "")): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+async def test_dispatcher_exports_per_tenant_metrics(
+    settings: Settings, channel: AbstractChannel
+) -> None:
+    test_settings, redis, rig = await _prepare(settings, channel)
+    await rig.tenants.set_config("ta", weight=3)
+    port = _free_port()
+    dispatcher = spawn(test_settings, "dispatcher", ORCH_METRICS_PORT=str(port))
+    worker = spawn(test_settings, "worker", "--concurrency", "2")
+    try:
+        await asyncio.sleep(2.5)
+        await rig.enqueue("ta", 12, ms=10)
+        await rig.enqueue("tb", 8, ms=10)
+        assert len(await rig.completions(20)) == 20
+        await asyncio.sleep(0.3)  # the completions reach the dispatcher too
+        metrics = await asyncio.to_thread(_scrape, port)
+        assert metrics[("orchestrator_dispatched_total", "ta")] == 12
+        assert metrics[("orchestrator_dispatched_total", "tb")] == 8
+        assert metrics[("orchestrator_dwell_seconds_count", "ta")] == 12
+        assert metrics[("orchestrator_in_flight", "ta")] == 0
+        assert metrics[("orchestrator_in_flight", "tb")] == 0
+        assert metrics[("orchestrator_cost_served_seconds_total", "tb")] >= 8 * 0.010
+        assert metrics[("orchestrator_tenant_weight", "ta")] == 3
+        assert metrics[("orchestrator_tenant_quarantined", "ta")] == 0
+    finally:
+        stop_all([dispatcher, worker])
         async for key in redis.scan_iter(match=f"{test_settings.redis_prefix}*"):
             await redis.delete(key)
         await redis.aclose()
