@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import json
+import logging
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -33,6 +34,8 @@ from orchestrator.store.flows import FlowRegistry
 from orchestrator.store.tenants import TenantStore
 from orchestrator.store.workers import live_workers
 from orchestrator.telemetry import configure_logging, start_metrics_server
+from orchestrator.violations.policy import PolicyError, load_policy
+from orchestrator.violations.service import ViolationsConsumer
 from schemas import FlowStartRequested, PenaltyCommand, QuarantineCommand, ReleaseCommand
 from workers import Worker
 from workers import builtin as _builtin_steps  # noqa: F401 - registers the demo.* step types
@@ -221,6 +224,38 @@ def dispatcher() -> None:
         settings,
         "dispatcher",
         lambda redis, amqp, stop: Dispatcher(settings, redis, amqp).run(stop),
+    )
+
+
+@app.command()
+def violations(
+    policy_file: Annotated[
+        Path | None, typer.Option("--policy", help="policy YAML (default: ORCH_VIOLATIONS_POLICY)")
+    ] = None,
+    check: Annotated[bool, typer.Option(help="only validate the policy file, then exit")] = False,
+) -> None:
+    """Runs the violations consumer (faust-streaming over the usage topic): judges usage per
+    window against the policy and issues warnings, penalties and quarantines."""
+    settings = settings_or_exit()
+    if policy_file is not None:
+        settings = settings.model_copy(update={"violations_policy": policy_file})
+    try:
+        loaded = load_policy(settings.violations_policy)
+    except PolicyError as exc:
+        err_console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(ExitCode.USAGE) from None
+    if check:
+        typer.echo(
+            f"{settings.violations_policy}: ok ({len(loaded.plans)} plans, "
+            f"window {loaded.window_s} s)"
+        )
+        return
+    for noisy in ("faust", "mode", "aiokafka"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    serve(
+        settings,
+        "violations",
+        lambda redis, amqp, stop: ViolationsConsumer(settings, redis, amqp).run(stop),
     )
 
 

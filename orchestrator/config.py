@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import AmqpDsn, Field, RedisDsn, ValidationError, field_validator
@@ -26,6 +27,11 @@ class Settings(BaseSettings):
     # Every Redis key starts with this, so several deployments (or test runs) share one Redis.
     redis_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{0,64}$")] = "orch:"
     usage_topic: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,249}$")] = "orchestrator.usage"
+    # Partitions of the usage topic when we create it. The violations consumer compares a
+    # tenant's usage with the total of its partition, so one partition (one active consumer,
+    # others standing by) gives shares of the whole platform.
+    usage_partitions: Annotated[int, Field(ge=1, le=1000)] = 1
+    kafka_replication: Annotated[int, Field(ge=1, le=10)] = 1
 
     # Scheduler. A tick later than the grace counts as missed (downtime) and goes through the
     # flow's catch-up policy; within it, every tick fires even when the scheduler is busy.
@@ -47,6 +53,19 @@ class Settings(BaseSettings):
     # work queues (the dispatcher sizes it from the measured round trip; see dispatcher.md).
     # Each such step keeps a slot from idling, and is one a newly active tenant may wait behind.
     dispatcher_headroom: Annotated[float, Field(ge=0, le=4)] = 1.0
+    # Violations consumer: the policy file (reloaded when it changes), how late (broker append
+    # time after the window's end) a usage event may be and still count, and how often the
+    # consumer ticks (closes windows, announces expiries).
+    violations_policy: Path = Path("policy.yaml")
+    violations_grace_s: Annotated[float, Field(ge=0, le=300)] = 1.0
+    violations_tick_s: Annotated[float, Field(gt=0, le=60)] = 0.25
+    violations_app_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,100}$")] = (
+        "orchestrator-violations"
+    )
+    violations_data_dir: Path = Path(".violations")
+    # Kafka static group membership: a replacement process with the same id takes over at once
+    # instead of waiting for the dead one's session to time out. Unique per live process.
+    violations_instance_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,100}$")] | None = None
     # Finished executions stay readable in Redis this long (status, outputs), then expire.
     execution_ttl_s: Annotated[int, Field(ge=60, le=90 * 86_400)] = 7 * 86_400
     # Refuse flow-start requests without an AMQP user_id (the broker-validated tenant).

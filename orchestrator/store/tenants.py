@@ -17,6 +17,7 @@ from orchestrator.store import Keys
 from schemas import PenaltyCommand, QuarantineCommand, ReleaseCommand
 
 COMMAND_MEMORY_S = 30 * 86_400  # command ids are remembered this long (replays are no-ops)
+VIOLATIONS_KEPT = 20  # the last violations shown per tenant
 
 
 @dataclass
@@ -47,6 +48,25 @@ class TenantStore:
 
     def _command(self, command_id: str) -> str:
         return f"{self.keys.prefix}command:{command_id}"
+
+    def _violations(self, tenant: str) -> str:
+        return f"{self.keys.prefix}violations:{tenant}"
+
+    async def record_violation(
+        self, tenant: str, window_start: float, entry: dict[str, Any]
+    ) -> None:
+        """Keeps the tenant's last violations for operators. Deterministic entries for the same
+        window collapse, so a consumer replaying a window after a restart adds nothing."""
+        key = self._violations(tenant)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.zadd(key, {json.dumps(entry, sort_keys=True): window_start})
+            pipe.zremrangebyrank(key, 0, -VIOLATIONS_KEPT - 1)
+            await pipe.execute()
+
+    async def violations(self, tenant: str) -> list[dict[str, Any]]:
+        """The tenant's last violations, newest first."""
+        raw = await self.redis.zrevrange(self._violations(tenant), 0, -1)
+        return [json.loads(str(entry)) for entry in raw]
 
     async def register(self, tenant: str) -> None:
         await self.redis.sadd(self.index, tenant)
@@ -185,4 +205,5 @@ class TenantStore:
             "quarantined_flows": sorted(policy.quarantined_flows),
             "concurrency_cap": policy.concurrency_cap,
             "rate_per_s": policy.rate_per_s,
+            "last_violations": await self.violations(tenant),
         }

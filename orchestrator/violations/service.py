@@ -1,0 +1,366 @@
+"""The violations consumer: a faust-streaming app over `orchestrator.usage`.
+
+Usage events are aggregated per tenant and per flow in tumbling windows (`Book`, over faust
+tables backed by changelog topics). The consumer appends a tick record to every partition of
+the usage topic every `ORCH_VIOLATIONS_TICK_S`; when a tick passes a window's end + grace, the
+window is final and is judged against the tenant's plan (`policy`): warn, penalty or
+quarantine by the escalation ladder. Commands go to `orchestrator.control` with confirms,
+status events `tenant.warned|penalized|quarantined|released` to `orchestrator.status`, and
+each violation to the tenant's record in Redis (`orchestrator tenants show`). Punishments run
+out by Redis expiry; the consumer announces each expiry with a ReleaseCommand and a
+`tenant.released` event.
+
+Everything a window decides is published (and confirmed) before the window is marked closed,
+so a consumer killed in between decides it again after the restart — the same decision with
+the same ids, which the dispatcher applies once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import faust
+import redis.asyncio as aioredis
+from aio_pika.abc import AbstractChannel, AbstractRobustConnection
+from prometheus_client import Counter, Histogram
+from pydantic import ValidationError
+
+from orchestrator import kafka
+from orchestrator.amqp import open_channel, publish
+from orchestrator.config import Settings
+from orchestrator.scheduler.cron import CronSchedule
+from orchestrator.store import Keys
+from orchestrator.store.flows import FlowRegistry
+from orchestrator.store.tenants import TenantStore
+from orchestrator.telemetry import get_logger
+from orchestrator.violations import policy
+from orchestrator.violations.book import Book, Expired
+from schemas import Message, ReleaseCommand, StatusEvent, UsageEvent
+
+log = get_logger(__name__)
+
+TICK_KEY = b"\x00tick"  # tenant ids are slugs: no record of theirs has this key
+STATES = {"warn": "warned", "penalty": "penalized", "quarantine": "quarantined"}
+INTERVALS_REFRESH_S = 30.0
+RETRY_MAX_S = 5.0
+
+EVENTS = Counter(
+    "orchestrator_usage_events_total",
+    "Usage events read by the violations consumer, by outcome",
+    ["outcome"],
+)
+DECISIONS = Counter(
+    "orchestrator_violations_total", "Violations acted on", ["tenant", "rule", "action"]
+)
+JUDGED = Histogram(
+    "orchestrator_violations_judged_seconds",
+    "Window end to its judgement published",
+    buckets=(0.1, 0.25, 0.5, 1, 1.5, 2, 3, 5, 10, 30),
+)
+
+
+class ViolationsConsumer:
+    def __init__(
+        self,
+        settings: Settings,
+        redis: aioredis.Redis,
+        connection: AbstractRobustConnection,
+        *,
+        app_id: str | None = None,
+    ) -> None:
+        self.settings = settings
+        self.redis = redis
+        self.connection = connection
+        self.app_id = app_id or settings.violations_app_id
+        self.policy_path = Path(settings.violations_policy)
+        self.policy = policy.load_policy(self.policy_path)  # PolicyError: the CLI says why
+        self._policy_stamp = self._stamp()
+        keys = Keys(settings.redis_prefix)
+        self.tenants = TenantStore(redis, keys)
+        self.flows = FlowRegistry(redis, keys)
+        self.intervals: dict[str, dict[str, float]] = {}
+        self._channel: AbstractChannel | None = None
+        self._stop = asyncio.Event()
+        self.book: Book | None = None
+        self.ready = asyncio.Event()
+
+    # ------------------------------------------------------------------ process
+    async def run(self, stop: asyncio.Event) -> None:
+        self._stop = stop
+        partitions = await kafka.ensure_topics(self.settings)
+        self._channel = await open_channel(self.connection)
+        await self._refresh_intervals()
+        app = self.build_app(partitions)
+        refresher = asyncio.create_task(self._refresh_loop(stop), name="violations-refresh")
+        await app.start()  # returns once partitions are assigned and tables recovered
+        self.ready.set()
+        log.info("violations.started", app=self.app_id, partitions=partitions)
+        try:
+            await stop.wait()
+        finally:
+            refresher.cancel()
+            with contextlib.suppress(BaseException):
+                await refresher
+            await app.stop()
+            log.info("violations.stopped", app=self.app_id)
+
+    def build_app(self, partitions: int) -> faust.App:
+        settings = self.settings
+        datadir = settings.violations_data_dir / self.app_id
+        datadir.mkdir(parents=True, exist_ok=True)
+        static: dict[str, Any] = {}
+        if settings.violations_instance_id:
+            static["consumer_group_instance_id"] = settings.violations_instance_id
+        app = faust.App(
+            self.app_id,
+            broker=[f"kafka://{server}" for server in settings.kafka_servers],
+            store="memory://",  # state is rebuilt from the changelog topics at start
+            web_enabled=False,
+            autodiscover=False,
+            datadir=str(datadir),
+            topic_replication_factor=settings.kafka_replication,
+            topic_partitions=partitions,  # tables are co-partitioned with the usage topic
+            table_standby_replicas=0,
+            consumer_auto_offset_reset="earliest",
+            broker_commit_interval=1.0,
+            broker_session_timeout=10.0,
+            broker_heartbeat_interval=1.0,
+            broker_rebalance_timeout=10.0,
+            stream_wait_empty=True,
+            **static,
+        )
+        usage = app.topic(
+            settings.usage_topic, key_serializer="raw", value_serializer="raw", partitions=None
+        )
+        dlq = app.topic(kafka.dlq_topic(settings), key_serializer="raw", value_serializer="raw")
+        changelog = {"segment.ms": "600000", "min.cleanable.dirty.ratio": "0.1"}
+
+        def table(name: str) -> Any:
+            return app.Table(name, default=None, extra_topic_configs=changelog)
+
+        self.book = Book(
+            self.policy,
+            windows=table("windows"),
+            totals=table("totals"),
+            cursors=table("cursors"),
+            offences=table("offences"),
+            active=table("active"),
+            grace_s=settings.violations_grace_s,
+        )
+
+        @app.agent(usage, name="judge")
+        async def judge(stream: Any) -> None:
+            async for event in stream.events():
+                message = event.message
+                appended_ms = int(message.timestamp * 1000)
+                if event.key == TICK_KEY:
+                    await self._on_tick(message.partition, appended_ms)
+                else:
+                    await self._on_usage(event, dlq, appended_ms)
+
+        @app.timer(interval=settings.violations_tick_s, on_leader=True)  # type: ignore[untyped-decorator]
+        async def tick() -> None:
+            for partition in range(partitions):
+                await usage.send(key=TICK_KEY, value=b"{}", partition=partition)
+
+        return app
+
+    # ------------------------------------------------------------------ inputs
+    async def _on_usage(self, event: Any, dlq: Any, appended_ms: int) -> None:
+        assert self.book is not None
+        message = event.message
+        try:
+            usage = UsageEvent.model_validate_json(event.value)
+        except ValidationError as exc:
+            await self._reject(event, dlq, exc)
+            return
+        outcome = self.book.add(
+            usage, partition=message.partition, offset=message.offset, appended_ms=appended_ms
+        )
+        EVENTS.labels(outcome).inc()
+
+    async def _reject(self, event: Any, dlq: Any, exc: ValidationError) -> None:
+        """Bad input: to `<usage topic>.dlq` with the reason in its headers, plus a
+        `message.rejected` status event; the consumer goes on."""
+        EVENTS.labels("rejected").inc()
+        detail = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '(body)'}: {e['msg']}"
+            for e in exc.errors(include_url=False)[:5]
+        )[:1000]
+        message = event.message
+        where = f"{message.topic}/{message.partition}/{message.offset}"
+        log.warning("violations.rejected", record=where, detail=detail)
+        await dlq.send(
+            key=event.key,
+            value=event.value,
+            headers={"orch-reason": b"invalid_usage_event", "orch-detail": detail.encode()},
+        )
+        await self._publish(
+            StatusEvent.build(
+                "message",
+                "rejected",
+                event_id=f"rejected:{where}",
+                data={"topic": message.topic, "reason": "invalid_usage_event", "detail": detail},
+            )
+        )
+
+    async def _on_tick(self, partition: int, appended_ms: int) -> None:
+        assert self.book is not None
+        self._maybe_reload()
+        for window in self.book.due(partition, appended_ms):
+            decisions = self.book.decide(window, self.intervals)
+            for decision in decisions:
+                await self._announce(decision)
+            self.book.closed(window, decisions)
+            if decisions:
+                JUDGED.observe(max(0.0, appended_ms / 1000 - window.start - window.size))
+        for expired in self.book.expired(partition, appended_ms):
+            await self._release(expired)
+            self.book.released(expired)
+
+    # ------------------------------------------------------------------ outputs
+    async def _announce(self, decision: policy.Decision) -> None:
+        command = policy.to_command(decision)
+        if command is not None:
+            await self._publish(command)
+        figures: dict[str, object] = {
+            "rule": decision.rule,
+            "measured": round(decision.measured, 6),
+            "limit": decision.limit,
+            "reason": decision.reason,
+            "offences": decision.offences,
+            "window_start": _iso(decision.window_start),
+            "window_s": decision.window_s,
+            "action": decision.action,
+            "command_id": decision.command_id,
+            "expires_at": None if decision.expires_at is None else _iso(decision.expires_at),
+        }
+        await self._publish(
+            StatusEvent.build(
+                "tenant",
+                STATES[decision.action],
+                event_id=decision.command_id,
+                tenant=decision.tenant,
+                flow=decision.flow,
+                data=figures,
+            )
+        )
+        await self._retry(
+            "record",
+            lambda: self.tenants.record_violation(
+                decision.tenant, decision.window_start, {**figures, "flow": decision.flow}
+            ),
+        )
+        DECISIONS.labels(decision.tenant, decision.rule, decision.action).inc()
+        log.info(
+            "violations.decided",
+            tenant=decision.tenant,
+            flow=decision.flow,
+            rule=decision.rule,
+            action=decision.action,
+            measured=decision.measured,
+            command_id=decision.command_id,
+        )
+
+    async def _release(self, expired: Expired) -> None:
+        release_id = policy.release_id(expired.command_id)
+        await self._publish(
+            ReleaseCommand(
+                command_id=release_id,
+                tenant=expired.tenant,
+                flow_id=expired.flow,
+                rule="expired",
+                reason=f"{expired.command_id} ran out",
+                releases="penalty" if expired.kind == "penalty" else "quarantine",
+            )
+        )
+        await self._publish(
+            StatusEvent.build(
+                "tenant",
+                "released",
+                event_id=release_id,
+                tenant=expired.tenant,
+                flow=expired.flow,
+                data={"released": expired.kind, "command_id": expired.command_id},
+            )
+        )
+        log.info("violations.released", tenant=expired.tenant, command_id=expired.command_id)
+
+    async def _publish(self, message: Message) -> None:
+        async def once() -> None:
+            if self._channel is None or self._channel.is_closed:
+                self._channel = await open_channel(self.connection)
+            await publish(self._channel, message)
+
+        await self._retry(message.message_type, once)
+
+    async def _retry(self, what: str, action: Any) -> None:
+        """Keeps trying: an event the agent gives up on would be skipped (faust commits past
+        a crashed agent's event), so the stream waits for the broker instead."""
+        delay = 0.1
+        while True:
+            try:
+                await action()
+            except Exception as exc:  # any failure: wait and retry
+                if self._stop.is_set():
+                    raise
+                log.warning("violations.retrying", what=what, error=str(exc), in_s=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX_S)
+            else:
+                return
+
+    # ------------------------------------------------------------------ policy and flows
+    def _stamp(self) -> float:
+        try:
+            return self.policy_path.stat().st_mtime
+        except OSError:
+            return 0.0
+
+    def _maybe_reload(self) -> None:
+        """A changed policy file applies from the next window decided; an invalid one is
+        reported and the current policy stays."""
+        stamp = self._stamp()
+        if stamp == self._policy_stamp:
+            return
+        self._policy_stamp = stamp
+        try:
+            self.policy = policy.load_policy(self.policy_path)
+        except policy.PolicyError as exc:
+            log.error("violations.policy_invalid", error=str(exc))  # noqa: TRY400 - no traceback
+            return
+        if self.book is not None:
+            self.book.policy = self.policy
+        log.info("violations.policy_reloaded", path=str(self.policy_path))
+
+    async def _refresh_loop(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await asyncio.sleep(INTERVALS_REFRESH_S)
+            try:
+                await self._refresh_intervals()
+            except Exception as exc:  # keep the last known intervals
+                log.warning("violations.intervals_failed", error=str(exc))
+
+    async def _refresh_intervals(self) -> None:
+        """Each scheduled flow's interval (seconds between its next two fires)."""
+        now = datetime.now(UTC)
+        intervals: dict[str, dict[str, float]] = {}
+        for definition in await self.flows.list():
+            if definition.cron is None:
+                continue
+            schedule = CronSchedule(definition.cron, definition.timezone)
+            first = schedule.next_after(now)
+            second = schedule.next_after(first) if first else None
+            if first and second:
+                intervals.setdefault(definition.tenant, {})[definition.id] = (
+                    second - first
+                ).total_seconds()
+        self.intervals = intervals
+
+
+def _iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).isoformat()
