@@ -63,7 +63,7 @@ app.add_typer(schemas_app, name="schemas")
 app.add_typer(flows_app, name="flows")
 
 console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)  # error lines stay whole for grep
 
 
 def settings_or_exit() -> Settings:

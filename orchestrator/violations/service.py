@@ -211,13 +211,20 @@ class ViolationsConsumer:
     async def _on_tick(self, partition: int, appended_ms: int) -> None:
         assert self.book is not None
         self._maybe_reload()
+        now = appended_ms / 1000
         for window in self.book.due(partition, appended_ms):
-            decisions = self.book.decide(window, self.intervals)
+            # A window judged long after the fact (a new consumer reading history, a long
+            # outage): a punishment that would already be over is not worth announcing.
+            decisions = [
+                d
+                for d in self.book.decide(window, self.intervals)
+                if (d.expires_at or d.window_end + self.policy.lookback_s) > now
+            ]
             for decision in decisions:
                 await self._announce(decision)
             self.book.closed(window, decisions)
             if decisions:
-                JUDGED.observe(max(0.0, appended_ms / 1000 - window.start - window.size))
+                JUDGED.observe(max(0.0, now - window.start - window.size))
         for expired in self.book.expired(partition, appended_ms):
             await self._release(expired)
             self.book.released(expired)

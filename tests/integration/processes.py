@@ -17,6 +17,7 @@ def process_env(settings: Settings, **extra: str) -> dict[str, str]:
         "ORCH_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
         "ORCH_REDIS_URL": str(settings.redis_url),
         "ORCH_REDIS_PREFIX": settings.redis_prefix,
+        "ORCH_USAGE_TOPIC": settings.usage_topic,
         "ORCH_LOG_LEVEL": os.environ.get("ORCH_TEST_PROCESS_LOG_LEVEL", "WARNING"),
         **extra,
     }

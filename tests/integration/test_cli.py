@@ -114,3 +114,14 @@ def test_flows_apply_validates_everything_before_writing(
     deleted = _run(settings, "flows", "delete", "acme/nightly", ORCH_REDIS_PREFIX=prefix)
     assert deleted.returncode == 0
     assert "acme/nightly" not in _run(settings, "flows", "list", ORCH_REDIS_PREFIX=prefix).stdout
+
+
+def test_violations_check_validates_the_policy_file(settings: Settings, tmp_path: Path) -> None:
+    good = _run(settings, "violations", "--policy", "examples/policy.yaml", "--check")
+    assert good.returncode == 0, good.stderr
+    assert "3 plans" in good.stdout
+    bad = tmp_path / "policy.yaml"
+    bad.write_text("default_plan: gold\nplans:\n  std:\n    ladder: []\n")
+    result = _run(settings, "violations", "--policy", str(bad), "--check")
+    assert result.returncode == 2
+    assert f"{bad}: plans.std.ladder" in result.stderr

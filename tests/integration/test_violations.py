@@ -237,3 +237,19 @@ async def test_kill_9_mid_window_still_catches_it_once(
     finally:
         await rig.producer.stop()
         stop_all([p for p in (first, second) if p is not None])
+
+
+async def test_a_changed_policy_applies_from_the_next_window(rig: Rig) -> None:
+    policy = Path(rig.settings.violations_policy)
+    relaxed = yaml.safe_load(policy.read_text())
+    relaxed["plans"]["standard"]["limits"]["max_cpu_share"] = 0.95
+    policy.write_text(yaml.safe_dump(relaxed))
+    await next_window_start()
+    await rig.send("hog", 0.5, 6)  # 88 %: over the old limit, under the new one
+    await rig.send("calm", 0.2, 2)
+    assert await rig.commands(wait_s=WINDOW + 3) == []
+    policy.write_text("plans: {}\n")  # invalid: reported, and the last good policy stays
+    start = await next_window_start()
+    await rig.send("hog", 0.5, 10)  # 100 %
+    (penalty,) = await rig.commands(wait_s=WINDOW + 4)
+    assert penalty["command_id"] == f"penalty:cpu_share:hog:{int(start)}"
