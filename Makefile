@@ -26,7 +26,7 @@ status:
 
 ## make run: virtualenv, brokers, then the orchestrator (dev mode, all in one)
 run: venv infra
-	$(WITH_ENV) $(BIN)/orchestrator up
+	$(WITH_ENV) $(BIN)/orchestrator up --policy examples/policy.yaml
 
 ## make test: virtualenv, brokers, lint and types, then the whole test suite
 test: venv infra lint

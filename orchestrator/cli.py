@@ -19,7 +19,7 @@ from aio_pika.abc import AbstractRobustConnection
 from rich.console import Console
 from rich.table import Table
 
-from orchestrator import apidoc, store, topology
+from orchestrator import apidoc, kafka, store, topology
 from orchestrator.amqp import connect, open_channel, publish
 from orchestrator.clock import SystemClock, from_ms
 from orchestrator.config import ConfigError, Settings, load_settings
@@ -106,15 +106,31 @@ def up(
         bool, typer.Option("--check-only", help="check brokers, apply topology, then exit")
     ] = False,
     concurrency: Annotated[int, typer.Option(help="worker slots")] = 4,
+    policy_file: Annotated[
+        Path | None,
+        typer.Option("--policy", help="also run the violations consumer with this policy"),
+    ] = None,
 ) -> None:
     """Development mode: checks the brokers, applies the topology, then runs a scheduler, an
-    engine, a dispatcher and a worker in this one process until Ctrl-C."""
+    engine, a dispatcher, a worker (and with --policy the violations consumer) in this one
+    process until Ctrl-C."""
     settings = settings_or_exit()
+    if policy_file is not None:
+        settings = settings.model_copy(update={"violations_policy": policy_file})
+        try:
+            load_policy(policy_file)
+        except PolicyError as exc:
+            err_console.print(f"[red]error:[/red] {exc}")
+            raise typer.Exit(ExitCode.USAGE) from None
     if not _print_checks(settings):
         err_console.print("[red]error:[/red] a broker is down; start them with `scripts/infra up`")
         raise typer.Exit(ExitCode.FAILURE)
     lines = asyncio.run(_apply_topology(settings))
-    console.print(f"topology applied: {len(lines)} objects declared")
+    partitions = asyncio.run(kafka.ensure_topics(settings))
+    console.print(
+        f"topology applied: {len(lines)} objects declared; "
+        f"{settings.usage_topic}: {partitions} partition(s)"
+    )
     console.print("[green]orchestrator is up[/green]: RabbitMQ, Kafka and Redis answer.")
     if check_only:
         return
@@ -128,9 +144,17 @@ def up(
                 Engine(settings, redis, connection).run(stop),
                 Dispatcher(settings, redis, connection).run(stop),
                 worker.run(stop),
+                *(
+                    [ViolationsConsumer(settings, redis, connection).run(stop)]
+                    if policy_file is not None
+                    else []
+                ),
             )
 
-    console.print("scheduler, engine, dispatcher and worker running; Ctrl-C stops them")
+    running = "scheduler, engine, dispatcher, worker" + (
+        ", violations consumer" if policy_file is not None else ""
+    )
+    console.print(f"{running} running; Ctrl-C stops them")
     serve(settings, "up", everything)
 
 
