@@ -18,7 +18,6 @@ the same ids, which the dispatcher applies once.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Iterator, MutableMapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,7 +30,7 @@ from prometheus_client import Counter, Histogram
 from pydantic import ValidationError
 
 from orchestrator import kafka
-from orchestrator.amqp import open_channel, publish
+from orchestrator.amqp import connect, open_channel, publish
 from orchestrator.config import Settings
 from orchestrator.scheduler.cron import CronSchedule
 from orchestrator.store import Keys
@@ -114,7 +113,7 @@ class ViolationsConsumer:
         self,
         settings: Settings,
         redis: aioredis.Redis,
-        connection: AbstractRobustConnection,
+        connection: AbstractRobustConnection | None,
         *,
         app_id: str | None = None,
     ) -> None:
@@ -138,19 +137,13 @@ class ViolationsConsumer:
     async def run(self, stop: asyncio.Event) -> None:
         self._stop = stop
         partitions = await kafka.ensure_topics(self.settings)
-        self._channel = await open_channel(self.connection)
-        await self._refresh_intervals()
         app = self.build_app(partitions)
-        refresher = asyncio.create_task(self._refresh_loop(stop), name="violations-refresh")
         await app.start()  # returns once partitions are assigned and tables recovered
         self.ready.set()
         log.info("violations.started", app=self.app_id, partitions=partitions)
         try:
             await stop.wait()
         finally:
-            refresher.cancel()
-            with contextlib.suppress(BaseException):
-                await refresher
             await app.stop()
             log.info("violations.stopped", app=self.app_id)
 
@@ -208,6 +201,14 @@ class ViolationsConsumer:
                             await self._on_usage(event, dlq, appended_ms)
                     for staged in tables.values():
                         staged.flush(partition)
+
+        @app.task  # type: ignore[untyped-decorator]
+        async def intervals_at_start() -> None:
+            await self._refresh_intervals_safely()
+
+        @app.timer(interval=INTERVALS_REFRESH_S)  # type: ignore[untyped-decorator]
+        async def intervals() -> None:
+            await self._refresh_intervals_safely()
 
         @app.timer(interval=settings.violations_tick_s, on_leader=True)  # type: ignore[untyped-decorator]
         async def tick() -> None:
@@ -346,6 +347,8 @@ class ViolationsConsumer:
 
     async def _publish(self, message: Message) -> None:
         async def once() -> None:
+            if self.connection is None:  # run as a faust worker: connect on first use
+                self.connection = await connect(self.settings, "orchestrator-violations")
             if self._channel is None or self._channel.is_closed:
                 self._channel = await open_channel(self.connection)
             await publish(self._channel, message)
@@ -391,13 +394,11 @@ class ViolationsConsumer:
             self.book.policy = self.policy
         log.info("violations.policy_reloaded", path=str(self.policy_path))
 
-    async def _refresh_loop(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            await asyncio.sleep(INTERVALS_REFRESH_S)
-            try:
-                await self._refresh_intervals()
-            except Exception as exc:  # keep the last known intervals
-                log.warning("violations.intervals_failed", error=str(exc))
+    async def _refresh_intervals_safely(self) -> None:
+        try:
+            await self._refresh_intervals()
+        except Exception as exc:  # keep the last known intervals
+            log.warning("violations.intervals_failed", error=str(exc))
 
     async def _refresh_intervals(self) -> None:
         """Each scheduled flow's interval (seconds between its next two fires)."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -23,7 +25,7 @@ from orchestrator.store.tenants import TenantStore
 from orchestrator.violations.service import ViolationsConsumer
 from schemas import UsageEvent
 from tests.integration.helpers import body, drain, fresh_settings, status_feed
-from tests.integration.processes import spawn, stop_all
+from tests.integration.processes import process_env, spawn, stop_all
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -253,3 +255,38 @@ async def test_a_changed_policy_applies_from_the_next_window(rig: Rig) -> None:
     await rig.send("hog", 0.5, 10)  # 100 %
     (penalty,) = await rig.commands(wait_s=WINDOW + 4)
     assert penalty["command_id"] == f"penalty:cpu_share:hog:{int(start)}"
+
+
+async def test_runs_as_a_plain_faust_worker(
+    settings: Settings, channel: AbstractChannel, tmp_path: Path
+) -> None:
+    test_settings = violations_settings(settings, tmp_path)
+    env = process_env(
+        test_settings,
+        ORCH_VIOLATIONS_APP_ID=test_settings.violations_app_id,
+        ORCH_VIOLATIONS_POLICY=str(test_settings.violations_policy),
+        ORCH_VIOLATIONS_DATA_DIR=str(test_settings.violations_data_dir),
+        ORCH_VIOLATIONS_GRACE_S="0.5",
+        ORCH_VIOLATIONS_TICK_S="0.2",
+    )
+    command = [sys.executable, "-m", "faust", "-A", "orchestrator.violations.worker"]
+    worker = subprocess.Popen(
+        [*command, "worker", "-l", "warn", "--without-web"],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    rig = Rig(
+        test_settings, await control_feed(channel), await status_feed(channel, "*.*.tenant.*")
+    )
+    await rig.producer.start()
+    try:
+        await asyncio.sleep(8)  # joined the group, tables recovered
+        start = await next_window_start()
+        await rig.send("hog", 0.5, 6)
+        (penalty,) = await rig.commands(wait_s=WINDOW + 4)
+        assert penalty["command_id"] == f"penalty:cpu_share:hog:{int(start)}"
+    finally:
+        await rig.producer.stop()
+        stop_all([worker])

@@ -167,3 +167,41 @@ def test_a_punishment_expires_once() -> None:
     assert (gone.tenant, gone.kind, gone.command_id) == ("noisy", "penalty", decision.command_id)
     b.released(gone)
     assert b.expired(0, (T0 + WINDOW + 61) * 1000) == []
+
+
+def test_a_flow_that_keeps_outrunning_its_interval_is_quarantined_alone() -> None:
+    policy = PolicyFile.model_validate(
+        {
+            "window_s": 60,
+            "default_plan": "p",
+            "plans": {
+                "p": {
+                    "limits": {"max_runtime_ratio": 1.0, "min_runtime_executions": 2},
+                    "ladder": [{"action": "quarantine", "minutes": 5}],
+                }
+            },
+        }
+    )
+    tables: dict[str, dict[str, Any]] = {n: {} for n in ("w", "t", "c", "o", "a")}
+    b = Book(
+        policy,
+        windows=tables["w"],
+        totals=tables["t"],
+        cursors=tables["c"],
+        offences=tables["o"],
+        active=tables["a"],
+        grace_s=1.0,
+    )
+    start = T0 // 60 * 60 + 60
+    # Two executions of "slow" run 15 s each, its schedule fires every 10 s; "fast" is fine.
+    events = [event("acme", start + 20 + 15 * k, 15.0, k, flow="slow") for k in range(2)]
+    events += [event("acme", start + 30, 1.0, 9, flow="fast")]
+    feed(b, events)
+    (window,) = b.due(0, (start + 61) * 1000 + 1)
+    (decision,) = b.decide(window, {"acme": {"slow": 10.0, "fast": 10.0}})
+    assert (decision.flow, decision.rule, decision.action) == (
+        "slow",
+        "runtime_vs_interval",
+        "quarantine",
+    )
+    assert decision.command_id == f"quarantine:runtime_vs_interval:acme:slow:{start}"
