@@ -284,7 +284,7 @@ def violations(
 
 
 @app.command()
-def worker(
+def worker(  # noqa: PLR0917 - typer options
     pool: Annotated[str, typer.Option(help="worker pool (queue work.<pool>)")] = "default",
     concurrency: Annotated[int, typer.Option(min=1, max=1000, help="attempts at once")] = 8,
     steps: Annotated[
@@ -295,6 +295,12 @@ def worker(
         list[str] | None,
         typer.Option(help="consume these queues instead of work.<pool> (comparisons only)"),
     ] = None,
+    express_slots: Annotated[
+        int,
+        typer.Option(
+            min=0, max=100, help="extra slots kept for tenants with nothing running (express lane)"
+        ),
+    ] = 1,
 ) -> None:
     """Runs a step worker with the built-in steps plus those of --steps modules."""
     settings = settings_or_exit()
@@ -316,6 +322,7 @@ def worker(
             concurrency=concurrency,
             grace_s=grace,
             queues=queue,
+            express_slots=express_slots,
         ) as running:
             await running.run(stop)
 

@@ -142,6 +142,12 @@ def work_queue_name(pool: str) -> str:
     return f"work.{pool}"
 
 
+def express_queue_name(pool: str) -> str:
+    """Steps of tenants that had nothing in flight: they must not wait behind the headroom
+    already queued in work.<pool>. A tenant has at most one step in this lane at a time."""
+    return f"work.{pool}.express"
+
+
 def tenant_queue_name(tenant: str) -> str:
     return f"fq.{tenant}"
 
@@ -177,6 +183,14 @@ def build_topology(pools: tuple[str, ...] = (DEFAULT_POOL,)) -> Topology:
             )
             for pool in pools
         ),
+        *(
+            Queue(
+                express_queue_name(pool),
+                f"Step tasks of newly active tenants for workers of pool {pool}.",
+                consumer="worker",
+            )
+            for pool in pools
+        ),
     ]
     bindings = [
         Binding(COMMANDS, FLOW_START_QUEUE, "flow.start", (FlowStartRequested.message_type,)),
@@ -192,6 +206,10 @@ def build_topology(pools: tuple[str, ...] = (DEFAULT_POOL,)) -> Topology:
             tuple(m.message_type for m in (PenaltyCommand, QuarantineCommand, ReleaseCommand)),
         ),
         *(Binding(WORK, work_queue_name(pool), pool, (StepTask.message_type,)) for pool in pools),
+        *(
+            Binding(WORK, express_queue_name(pool), f"{pool}.express", (StepTask.message_type,))
+            for pool in pools
+        ),
     ]
     dlqs = [
         Queue(q.dlq, f"Dead letters of {q.name}.", consumer="operator", dead_letter=False)
@@ -243,9 +261,9 @@ ROUTES: dict[type[Message], Route] = {
 }
 
 
-def work_route(task: StepTask) -> tuple[str, str]:
+def work_route(task: StepTask, *, express: bool = False) -> tuple[str, str]:
     """Where the dispatcher releases a step task: (exchange, routing key)."""
-    return WORK, task.pool
+    return WORK, f"{task.pool}.express" if express else task.pool
 
 
 def route(message: Message) -> tuple[str, str, bool]:

@@ -119,6 +119,7 @@ class Worker:
         grace_s: float = 30.0,
         usage: UsageReporter | None = None,
         queues: list[str] | None = None,
+        express_slots: int = 1,
     ) -> None:
         self.settings = settings
         self.connection = connection
@@ -132,7 +133,14 @@ class Worker:
         # runs workers straight on the tenant queues, RabbitMQ round-robin style).
         self.queues = queues
         self.usage = usage or UsageReporter(settings.kafka_servers, settings.usage_topic)
-        self.threads = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="step")
+        # Slots only the express lane may use, beyond `concurrency` (not advertised to the
+        # dispatcher): a tenant with nothing running starts at once, never behind a busy
+        # tenant's steps, however long those run.
+        self.express_slots = express_slots
+        self.threads = ThreadPoolExecutor(
+            max_workers=concurrency + express_slots, thread_name_prefix="step"
+        )
+        self._express = asyncio.Semaphore(express_slots)
         self.in_flight: dict[str, asyncio.Task[None]] = {}
         self._slots = asyncio.Semaphore(concurrency)
         self._channel: AbstractChannel | None = None
@@ -167,6 +175,13 @@ class Worker:
         for name in names:
             queue = await self.channel.get_queue(name)
             consumers.append((queue, await queue.consume(self._on_message)))
+        if self.queues is None:
+            # The express lane, on its own channel: its steps wait here for the next free slot,
+            # ahead of whatever the normal lane has queued behind the running ones. The
+            # dispatcher sends a tenant at most one express step at a time.
+            express_channel = await open_channel(self.connection, prefetch=self.concurrency)
+            express = await express_channel.get_queue(topology.express_queue_name(self.pool))
+            consumers.append((express, await express.consume(self._on_express)))
         heartbeat = asyncio.create_task(self._heartbeat_loop(stop))
         log.info(
             "worker.started",
@@ -213,12 +228,24 @@ class Worker:
                 await asyncio.wait_for(stop.wait(), HEARTBEAT_S)
 
     async def _on_message(self, incoming: AbstractIncomingMessage) -> None:
+        await self._run_in_slot(incoming, self._slots)
+
+    async def _on_express(self, incoming: AbstractIncomingMessage) -> None:
+        """An express step takes a reserved slot if one is free, else the next free slot."""
+        free = self._express if not self._express.locked() else None
+        if free is None and not self._slots.locked():
+            free = self._slots
+        await self._run_in_slot(incoming, free or self._slots)
+
+    async def _run_in_slot(
+        self, incoming: AbstractIncomingMessage, slots: asyncio.Semaphore
+    ) -> None:
         task = asyncio.current_task()
         key = incoming.message_id or str(id(incoming))
         if task is not None:
             self.in_flight[key] = task
         try:
-            async with self._slots:
+            async with slots:
                 await self._handle(incoming)
         except asyncio.CancelledError:
             with contextlib.suppress(Exception):

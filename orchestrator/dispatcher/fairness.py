@@ -128,6 +128,22 @@ class FairQueue:
         flow.start = flow.finish
         return item
 
+    def peek(self, eligible: Callable[[str, str], bool] | None = None) -> str | None:
+        """The tenant `pick` would serve next, without serving it (no state changes)."""
+        best: tuple[float, int, str] | None = None
+        for name, tenant in self._tenants.items():
+            if tenant.backlog == 0:
+                continue
+            if eligible is not None and not any(
+                flow.items and eligible(name, flow_name) for flow_name, flow in tenant.flows.items()
+            ):
+                continue
+            start = max(tenant.start, self.vtime) if tenant.held else tenant.start
+            candidate = (start, tenant.index, name)
+            if best is None or candidate < best:
+                best = candidate
+        return None if best is None else best[2]
+
     def _pick_flow(
         self, name: str, tenant: _Tenant, eligible: Callable[[str, str], bool] | None
     ) -> _Flow:

@@ -77,6 +77,9 @@ DWELL = Histogram(
     ["tenant"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
 )
+EXPRESS = Counter(
+    "orchestrator_express_total", "Steps released through the express lane", ["tenant"]
+)
 IN_FLIGHT = Gauge("orchestrator_in_flight", "Dispatched, not yet completed", ["tenant"])
 WEIGHT = Gauge("orchestrator_tenant_weight", "Effective weight (weight x penalty)", ["tenant"])
 QUARANTINED = Gauge("orchestrator_tenant_quarantined", "1 while quarantined", ["tenant"])
@@ -412,12 +415,21 @@ class Dispatcher:
         overlap), their dispatched markers written in one round trip, and only then acked:
         the latency of a release is one confirm, however many slots came free at once."""
         while self._channel is not None and self._holding():
-            batch: list[Item] = []
-            while len(self.in_flight) < self.window:
+            batch: list[tuple[Item, bool]] = []
+            while True:
+                # A full window still releases the fair order's next step when its tenant has
+                # nothing in flight (newly active, or quiet): through the express lane, where
+                # it takes the next free slot instead of waiting for a completion and then
+                # behind the headroom queued for the busy tenants. Otherwise: wait for a slot.
+                if len(self.in_flight) >= self.window:
+                    head = self.queue.peek(self._eligible)
+                    if head is None or self.per_tenant.get(head, 0) != 0:
+                        break
                 item = self.queue.pick(self._eligible)
                 if item is None:
                     break
                 task: StepTask = item.payload.task
+                express = self.per_tenant.get(task.tenant, 0) == 0
                 # Counted in flight *before* the publish: a fast step's completion can arrive
                 # while we still wait for the confirm, and must find its entry.
                 self.in_flight[task.task_id] = (item, time.monotonic())
@@ -428,22 +440,23 @@ class Dispatcher:
                 bucket = self.buckets.get(task.tenant)
                 if bucket is not None:
                     bucket.take()
-                batch.append(item)
+                batch.append((item, express))
             if not batch:
                 return
             await self._release(self._channel, batch)
 
-    async def _release(self, channel: AbstractChannel, batch: list[Item]) -> None:
+    async def _release(self, channel: AbstractChannel, batch: list[tuple[Item, bool]]) -> None:
         outcomes = await asyncio.gather(
             *(
                 publish(channel, item.payload.task, exchange=exchange, routing_key=key)
-                for item in batch
-                for exchange, key in [topology.work_route(item.payload.task)]
+                for item, express in batch
+                for exchange, key in [topology.work_route(item.payload.task, express=express)]
             ),
             return_exceptions=True,
         )
-        released = [item for item, outcome in zip(batch, outcomes, strict=True) if outcome is None]
-        for item, outcome in zip(batch, outcomes, strict=True):
+        items = [item for item, _ in batch]
+        released = [item for item, outcome in zip(items, outcomes, strict=True) if outcome is None]
+        for item, outcome in zip(items, outcomes, strict=True):
             if outcome is not None:
                 # Not confirmed: forget it here; its tenant-queue message stays unacked and
                 # comes back when the channel is recycled below.
@@ -455,10 +468,14 @@ class Dispatcher:
                     pipe.set(self._dispatched_key(item.key), "1", ex=DISPATCHED_MEMORY_S)
                 await pipe.execute()
         now = self.clock.now()
-        for item in released:
+        for (item, express), outcome in zip(batch, outcomes, strict=True):
+            if outcome is not None:
+                continue
             held: Held = item.payload
             await held.incoming.ack()
             DISPATCHED.labels(held.task.tenant).inc()
+            if express:
+                EXPRESS.labels(held.task.tenant).inc()
             DWELL.labels(held.task.tenant).observe(
                 max(0.0, (now - held.task.enqueued_at).total_seconds())
             )

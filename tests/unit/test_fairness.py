@@ -160,3 +160,42 @@ def test_overestimated_costs_keep_the_weighted_split() -> None:
     assert abs(served["a"] - 90) <= 3, served
     assert abs(served["b"] - 54) <= 3, served
     assert abs(served["c"] - 36) <= 3, served
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    ops=st.lists(
+        st.tuples(
+            st.sampled_from(["push", "pick", "complete"]),
+            st.sampled_from(["a", "b", "c"]),
+            st.floats(min_value=0.1, max_value=3.0),
+        ),
+        max_size=120,
+    ),
+    blocked=st.sets(st.sampled_from(["a", "b", "c"])),
+)
+def test_peek_names_the_tenant_pick_serves_without_changing_anything(
+    ops: list[tuple[str, str, float]], blocked: set[str]
+) -> None:
+    queue = FairQueue()
+    queue.set_weight("a", 3)
+    done: list[Item] = []
+
+    def eligible(tenant: str, _flow: str) -> bool:
+        return tenant not in blocked
+
+    for op, tenant, cost in ops:
+        if op == "push":
+            queue.push(item(tenant, cost, flow=f"f{int(cost)}"))
+        elif op == "pick":
+            picked = queue.pick(eligible)
+            if picked is not None:
+                done.append(picked)
+        elif done:
+            queue.complete(done.pop(0), cost)
+        expected = queue.peek(eligible)
+        assert queue.peek(eligible) == expected  # no side effects
+        picked = queue.pick(eligible)
+        assert (picked.tenant if picked else None) == expected
+        if picked is not None:
+            done.append(picked)
