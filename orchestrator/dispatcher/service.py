@@ -459,7 +459,7 @@ class Dispatcher:
         for item, outcome in zip(items, outcomes, strict=True):
             if outcome is not None:
                 # Not confirmed: forget it here; its tenant-queue message stays unacked and
-                # comes back when the channel is recycled below.
+                # goes back to its queue when the error raised below ends this process.
                 self._forget(item.key)
                 log.warning("dispatcher.publish_failed", task_id=item.key, error=str(outcome))
         if released:
