@@ -28,12 +28,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from aiokafka import AIOKafkaConsumer
+
 from bench.common import isolated_settings, percentile, print_table
 from orchestrator import store, topology
 from orchestrator.amqp import connect, open_channel, publish
 from orchestrator.config import Settings
 from orchestrator.store.tenants import TenantStore
-from schemas import StepResult, StepTask
+from schemas import StepResult, StepTask, UsageEvent
 from tests.integration.processes import spawn, stop_all
 
 TENANTS = ("a", "b", "c")
@@ -45,6 +47,7 @@ class Arrival:
     tenant: str
     ms: int
     flow: str = "f"
+    step: str = "demo.sleep"
 
 
 @dataclass
@@ -56,8 +59,16 @@ class Scenario:
     backlogged: tuple[str, ...] = TENANTS  # whose shares are compared
 
 
-def burst(tenant: str, count: int, ms: int, at: float = 0.0, flows: int = 1) -> list[Arrival]:
-    return [Arrival(at, tenant, ms, f"f{i % flows}") for i in range(count)]
+def burst(
+    tenant: str,
+    count: int,
+    ms: int,
+    *,
+    at: float = 0.0,
+    flows: int = 1,
+    step: str = "demo.sleep",
+) -> list[Arrival]:
+    return [Arrival(at, tenant, ms, f"f{i % flows}", step) for i in range(count)]
 
 
 def trickle(
@@ -104,6 +115,15 @@ def scenarios() -> dict[str, Scenario]:
         "heavy": Scenario(
             "heavy steps (10x)", even, burst("a", 60, 100) + burst("b", 600, 10), ("b",), ("a", "b")
         ),
+        # The same with steps that burn CPU: shares measured in CPU seconds (from the workers'
+        # usage events), while the dispatcher charges slot time.
+        "heavy-cpu": Scenario(
+            "heavy CPU steps (10x)",
+            even,
+            burst("a", 40, 100, step="demo.cpu") + burst("b", 400, 10, step="demo.cpu"),
+            ("b",),
+            ("a", "b"),
+        ),
         "idle-return": Scenario(
             "idle-return",
             even,
@@ -123,6 +143,7 @@ class Run:
         default_factory=dict
     )  # id -> tenant, weight, enq
     results: list[StepResult] = field(default_factory=list)
+    cpu: dict[str, float] = field(default_factory=dict)  # id -> CPU seconds (usage events)
 
 
 async def publish_tenant(
@@ -150,7 +171,7 @@ async def publish_tenant(
             tenant=arrival.tenant,
             flow_id=arrival.flow,
             step_id="s",
-            step_type="demo.sleep",
+            step_type=arrival.step,
             attempt=1,
             input={"ms": arrival.ms},
             timeout_s=60,
@@ -169,9 +190,33 @@ async def publish_tenant(
     await own.close()
 
 
+async def read_cpu(settings: Settings, count: int) -> dict[str, float]:
+    """CPU seconds per attempt from the workers' usage events (this run's own topic)."""
+    consumer = AIOKafkaConsumer(
+        settings.usage_topic,
+        bootstrap_servers=settings.kafka_servers,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+    )
+    await consumer.start()
+    cpu: dict[str, float] = {}
+    deadline = time.monotonic() + 20
+    try:
+        while len(cpu) < count and time.monotonic() < deadline:
+            batches = await consumer.getmany(timeout_ms=500)
+            for records in batches.values():
+                for record in records:
+                    event = UsageEvent.model_validate_json(record.value or b"")
+                    cpu[event.event_id] = event.cpu_s
+    finally:
+        await consumer.stop()
+    return cpu
+
+
 async def run_one(
     settings: Settings, scenario: Scenario, strategy: str, slots: int
 ) -> dict[str, float]:
+    settings = settings.model_copy(update={"usage_topic": f"bench.usage.{uuid.uuid4().hex[:8]}"})
     connection = await connect(settings, "bench-fairness")
     channel = await open_channel(connection, prefetch=1000)
     await topology.apply(channel)
@@ -233,7 +278,24 @@ async def run_one(
         stop_all(processes)
         await connection.close()
         await redis.aclose()
+    if any(a.step == "demo.cpu" for a in scenario.arrivals):
+        run.cpu = await read_cpu(settings, len(run.results))
     return measure(scenario, run, start)
+
+
+def shares(scenario: Scenario, served: dict[str, float]) -> tuple[float, float]:
+    """Worst served-share/weight and Jain's index of weight-normalised service."""
+    if len(scenario.backlogged) < 2 or not sum(served.values()):
+        return float("nan"), float("nan")
+    total_cost = sum(served.values())
+    total_weight = sum(scenario.weights.get(t, 1.0) for t in scenario.backlogged)
+    ratios = [
+        (served[t] / total_cost) / (scenario.weights.get(t, 1.0) / total_weight)
+        for t in scenario.backlogged
+    ]
+    normalised = [served[t] / scenario.weights.get(t, 1.0) for t in scenario.backlogged]
+    jain = sum(normalised) ** 2 / (len(normalised) * sum(x * x for x in normalised))
+    return min(ratios), jain
 
 
 def measure(scenario: Scenario, run: Run, start: float) -> dict[str, float]:
@@ -253,28 +315,22 @@ def measure(scenario: Scenario, run: Run, start: float) -> dict[str, float]:
     )
     window_end = min((last_start[t] for t in scenario.backlogged), default=start)
     served: dict[str, float] = defaultdict(float)
+    cpu: dict[str, float] = defaultdict(float)
     for result in run.results:
         tenant = run.tasks[result.task_id][0]
         begun = result.started_at.timestamp()
         if tenant in scenario.backlogged and window_start <= begun <= window_end:
             served[tenant] += (result.finished_at - result.started_at).total_seconds()
-    worst = jain = float("nan")
-    if len(scenario.backlogged) > 1 and served:
-        total_cost = sum(served.values())
-        total_weight = sum(scenario.weights.get(t, 1.0) for t in scenario.backlogged)
-        ratios = [
-            (served[t] / total_cost) / (scenario.weights.get(t, 1.0) / total_weight)
-            for t in scenario.backlogged
-        ]
-        worst = min(ratios)
-        normalised = [served[t] / scenario.weights.get(t, 1.0) for t in scenario.backlogged]
-        jain = sum(normalised) ** 2 / (len(normalised) * sum(x * x for x in normalised))
+            cpu[tenant] += run.cpu.get(result.task_id, 0.0)
+    worst, jain = shares(scenario, served)
+    cpu_worst, _ = shares(scenario, cpu) if run.cpu else (float("nan"), float("nan"))
     finished = max(r.finished_at.timestamp() for r in run.results)
     makespan = finished - start
     return {
         "dwell_p50": percentile(dwell, 50) * 1000,
         "dwell_p99": percentile(dwell, 99) * 1000,
         "worst": worst,
+        "cpu_worst": cpu_worst,
         "jain": jain,
         "makespan": makespan,
         "throughput": len(run.results) / makespan,
@@ -316,6 +372,7 @@ def main() -> None:
                         f"{m['dwell_p50']:.0f}",
                         f"{m['dwell_p99']:.0f}",
                         f"{m['worst']:.2f}",
+                        f"{m['cpu_worst']:.2f}",
                         f"{m['jain']:.3f}",
                         f"{m['makespan']:.2f}",
                         f"{m['throughput']:.0f}",
@@ -332,6 +389,7 @@ def main() -> None:
             "quiet dwell p50 ms",
             "p99 ms",
             "worst share/weight",
+            "CPU share/weight",
             "Jain",
             "makespan s",
             "steps/s",

@@ -77,6 +77,9 @@ class StepResult(Message):
     worker_id: Annotated[str, Field(min_length=1, max_length=200)]
     started_at: Timestamp
     finished_at: Timestamp = Field(default_factory=utcnow)
+    cpu_s: Annotated[float, Field(ge=0)] | None = Field(
+        default=None, description="CPU seconds the attempt used (its own thread's), if measured"
+    )
 
     @model_validator(mode="after")
     def _outcome_matches(self) -> Self:

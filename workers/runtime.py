@@ -214,6 +214,9 @@ class Worker:
                 "pool": self.pool,
                 "steps": sorted(self.steps.handlers),
                 "concurrency": self.concurrency,
+                # Python code runs one thread at a time (the GIL): one process is one CPU for
+                # CPU-bound steps, whatever its concurrency.
+                "cpus": 1,
                 "in_flight": len(self.in_flight),
                 "last_heartbeat": datetime.now(UTC).isoformat(),
             }
@@ -283,6 +286,7 @@ class Worker:
                 error=attempt.error,
                 worker_id=self.worker_id,
                 started_at=started_at,
+                cpu_s=round(attempt.cpu_s, 6),
             )
             body = result.to_bytes()
             await publish(self.channel, result)

@@ -26,6 +26,14 @@ from typing import Any
 MIN_COST = 1e-6
 
 
+def step_cost(wall_s: float, cpu_s: float | None, slots_per_cpu: float) -> float:
+    """A step's cost in slot-seconds, by its dominant resource (as in dominant resource
+    fairness): the worker slot it held for `wall_s`, or the CPU it burnt, scaled by how many
+    slots share one CPU. A step waiting on I/O is charged its slot time; a CPU-bound one, whose
+    slot time stretches while it competes for the CPU, is charged the CPU it took from others."""
+    return max(wall_s, (cpu_s or 0.0) * slots_per_cpu)
+
+
 @dataclass
 class Item:
     key: str

@@ -40,7 +40,7 @@ from orchestrator.amqp import (
 )
 from orchestrator.clock import Clock, SystemClock
 from orchestrator.config import Settings
-from orchestrator.dispatcher.fairness import FairQueue, Item
+from orchestrator.dispatcher.fairness import FairQueue, Item, step_cost
 from orchestrator.store import Keys
 from orchestrator.store.flows import FlowRegistry
 from orchestrator.store.tenants import TenantPolicy, TenantStore
@@ -153,6 +153,7 @@ class Dispatcher:
         self.per_flow: dict[tuple[str, str], int] = {}
         self.window = 1
         self.step_s = DEFAULT_COST_S  # EWMA of step slot time
+        self.slots_per_cpu = 1.0
         self.round_trip_s = 0.01  # EWMA of dispatch -> completion seen, minus the step itself
         self.leader = False
         self._lease_until = 0.0  # monotonic deadline of the lease we hold
@@ -268,7 +269,10 @@ class Dispatcher:
                     self.buckets[tenant] = Bucket(policy.rate_per_s)
             else:
                 self.buckets.pop(tenant, None)
-        capacity = await self._live_capacity()
+        workers = await live_workers(self.redis, self.keys)
+        capacity = sum(int(entry["concurrency"]) for entry in workers)
+        cpus = sum(int(entry.get("cpus", 1)) for entry in workers)
+        self.slots_per_cpu = capacity / cpus if cpus else 1.0
         self.window = self._window(capacity)
         self._expire_in_flight()
 
@@ -281,9 +285,6 @@ class Dispatcher:
         ratio = self.round_trip_s / max(self.step_s, 1e-3)
         wanted = math.ceil(capacity * min(ratio, self.settings.dispatcher_headroom))
         return max(1, capacity + wanted)
-
-    async def _live_capacity(self) -> int:
-        return sum(int(entry["concurrency"]) for entry in await live_workers(self.redis, self.keys))
 
     def _eligible(self, tenant: str, flow: str) -> bool:
         policy = self.policies.get(tenant)
@@ -338,9 +339,10 @@ class Dispatcher:
         entry = self.in_flight.get(result.task_id)
         item = self._forget(result.task_id)
         if item is not None and entry is not None:
-            cost = max(0.0, (result.finished_at - result.started_at).total_seconds())
-            overhead = max(0.0, time.monotonic() - entry[1] - cost)
-            self.step_s += EWMA_ALPHA * (cost - self.step_s)
+            wall = max(0.0, (result.finished_at - result.started_at).total_seconds())
+            cost = step_cost(wall, result.cpu_s, self.slots_per_cpu)
+            overhead = max(0.0, time.monotonic() - entry[1] - wall)
+            self.step_s += EWMA_ALPHA * (wall - self.step_s)
             self.round_trip_s += EWMA_ALPHA * (min(overhead, 1.0) - self.round_trip_s)
             held: Held = item.payload
             estimate_key = (item.tenant, held.task.step_type)

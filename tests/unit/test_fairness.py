@@ -8,7 +8,7 @@ from collections import Counter, defaultdict
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from orchestrator.dispatcher.fairness import FairQueue, Item
+from orchestrator.dispatcher.fairness import FairQueue, Item, step_cost
 
 counter = itertools.count()
 
@@ -199,3 +199,11 @@ def test_peek_names_the_tenant_pick_serves_without_changing_anything(
         assert (picked.tenant if picked else None) == expected
         if picked is not None:
             done.append(picked)
+
+
+def test_a_step_is_charged_its_dominant_resource() -> None:
+    # Waiting on I/O: the slot it held. Burning CPU on a worker whose 4 slots share one CPU:
+    # the CPU it took from the other three, even when its own slot time was shorter.
+    assert step_cost(2.0, 0.01, slots_per_cpu=4) == 2.0
+    assert step_cost(0.3, 0.1, slots_per_cpu=4) == 0.4
+    assert step_cost(0.3, None, slots_per_cpu=4) == 0.3
