@@ -215,8 +215,9 @@ class Worker:
                 "steps": sorted(self.steps.handlers),
                 "concurrency": self.concurrency,
                 # Python code runs one thread at a time (the GIL): one process is one CPU for
-                # CPU-bound steps, whatever its concurrency.
+                # CPU-bound steps, shared by all its step threads (express slots included).
                 "cpus": 1,
+                "threads": self.concurrency + self.express_slots,
                 "in_flight": len(self.in_flight),
                 "last_heartbeat": datetime.now(UTC).isoformat(),
             }
