@@ -106,24 +106,9 @@ class FairQueue:
 
     def pick(self, eligible: Callable[[str, str], bool] | None = None) -> Item | None:
         """The next item to dispatch, or None when no eligible tenant has work."""
-        best: tuple[float, int, str] | None = None
-        for name, tenant in self._tenants.items():
-            if tenant.backlog == 0:
-                continue
-            if eligible is not None and not any(
-                flow.items and eligible(name, flow_name) for flow_name, flow in tenant.flows.items()
-            ):
-                tenant.held = True
-                continue
-            if tenant.held:
-                tenant.held = False
-                tenant.start = max(tenant.start, self.vtime)
-            candidate = (tenant.start, tenant.index, name)
-            if best is None or candidate < best:
-                best = candidate
-        if best is None:
+        name = self._head(eligible, serving=True)
+        if name is None:
             return None
-        name = best[2]
         tenant = self._tenants[name]
         flow = self._pick_flow(name, tenant, eligible)
         item = flow.items.popleft()
@@ -138,6 +123,12 @@ class FairQueue:
 
     def peek(self, eligible: Callable[[str, str], bool] | None = None) -> str | None:
         """The tenant `pick` would serve next, without serving it (no state changes)."""
+        return self._head(eligible, serving=False)
+
+    def _head(self, eligible: Callable[[str, str], bool] | None, *, serving: bool) -> str | None:
+        """The backlogged, eligible tenant with the smallest start tag. When `serving`, a
+        tenant skipped by the filter is marked held, and a held one that is eligible again
+        restarts at the virtual time."""
         best: tuple[float, int, str] | None = None
         for name, tenant in self._tenants.items():
             if tenant.backlog == 0:
@@ -145,8 +136,13 @@ class FairQueue:
             if eligible is not None and not any(
                 flow.items and eligible(name, flow_name) for flow_name, flow in tenant.flows.items()
             ):
+                if serving:
+                    tenant.held = True
                 continue
             start = max(tenant.start, self.vtime) if tenant.held else tenant.start
+            if serving and tenant.held:
+                tenant.held = False
+                tenant.start = start
             candidate = (start, tenant.index, name)
             if best is None or candidate < best:
                 best = candidate

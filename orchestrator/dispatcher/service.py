@@ -41,7 +41,7 @@ from orchestrator.amqp import (
 from orchestrator.clock import Clock, SystemClock
 from orchestrator.config import Settings
 from orchestrator.dispatcher.fairness import FairQueue, Item, step_cost
-from orchestrator.store import Keys
+from orchestrator.store import EXTEND_IF_OWNER, RELEASE_IF_OWNER, Keys
 from orchestrator.store.flows import FlowRegistry
 from orchestrator.store.tenants import TenantPolicy, TenantStore
 from orchestrator.store.workers import live_workers
@@ -83,19 +83,6 @@ EXPRESS = Counter(
 IN_FLIGHT = Gauge("orchestrator_in_flight", "Dispatched, not yet completed", ["tenant"])
 WEIGHT = Gauge("orchestrator_tenant_weight", "Effective weight (weight x penalty)", ["tenant"])
 QUARANTINED = Gauge("orchestrator_tenant_quarantined", "1 while quarantined", ["tenant"])
-
-_RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return 0
-"""
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
-"""
 
 
 @dataclass
@@ -141,8 +128,8 @@ class Dispatcher:
         self.tenants = TenantStore(redis, keys)
         self.flows = FlowRegistry(redis, keys)
         self.lease_key = f"{keys.prefix}dispatcher:leader"
-        self._renew = redis.register_script(_RENEW)
-        self._release_lease = redis.register_script(_RELEASE)
+        self._renew = redis.register_script(EXTEND_IF_OWNER)
+        self._release_lease = redis.register_script(RELEASE_IF_OWNER)
         self.queue = FairQueue()
         self.policies: dict[str, TenantPolicy] = {}
         self.buckets: dict[str, Bucket] = {}

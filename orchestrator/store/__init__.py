@@ -11,6 +11,19 @@ from orchestrator.config import Settings
 MAX_CONNECTIONS = 128
 POOL_TIMEOUT_S = 30
 
+# Leases held by an owner id: only the owner may extend (KEYS[1], ARGV owner, ttl ms) or
+# release (KEYS[1], ARGV owner) its lease; anybody else's call is a no-op returning 0.
+EXTEND_IF_OWNER = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+RELEASE_IF_OWNER = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
 
 def connect(settings: Settings) -> aioredis.Redis:
     """One client (a connection pool) per process; strings in, strings out."""

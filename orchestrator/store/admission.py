@@ -15,7 +15,7 @@ from typing import cast
 
 import redis.asyncio as aioredis
 
-from orchestrator.store import Keys
+from orchestrator.store import EXTEND_IF_OWNER, RELEASE_IF_OWNER, Keys
 from schemas import OverlapPolicy
 
 _CLAIM = """
@@ -88,18 +88,6 @@ end
 return 1
 """
 
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-
-_EXTEND = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return 0
-"""
-
 # KEYS: idempotency key; ARGV: execution id, ttl seconds
 _REQUEST = """
 local seen = redis.call('GET', KEYS[1])
@@ -138,8 +126,8 @@ class AdmissionStore:
         self._admit = redis.register_script(_ADMIT)
         self._promote = redis.register_script(_PROMOTE)
         self._finish_buffered = redis.register_script(_FINISH_BUFFERED)
-        self._release = redis.register_script(_RELEASE)
-        self._extend = redis.register_script(_EXTEND)
+        self._release = redis.register_script(RELEASE_IF_OWNER)
+        self._extend = redis.register_script(EXTEND_IF_OWNER)
         self._request = redis.register_script(_REQUEST)
 
     async def due(self, now_ms: int, limit: int) -> list[tuple[str, int]]:
