@@ -20,7 +20,6 @@ import random
 import tempfile
 import time
 import uuid
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -33,29 +32,11 @@ from orchestrator.amqp import connect, open_channel
 from orchestrator.config import Settings
 from orchestrator.violations.service import EVENTS, ViolationsConsumer
 from schemas import UsageEvent
+from tests.factories import cpu_usage
 
 WINDOW = 2
 GRACE = 0.5
 TENANTS = [f"t{i:02d}" for i in range(50)]
-
-
-def event(tenant: str, cpu_s: float, n: int) -> UsageEvent:
-    now = datetime.now(UTC)
-    return UsageEvent(
-        event_id=f"{tenant}-{uuid.uuid4().hex[:10]}-{n}:s:1",
-        tenant=tenant,
-        flow_id="f",
-        execution_id=f"{tenant}-{n}",
-        step_id="s",
-        step_type="demo.cpu",
-        attempt=1,
-        worker_id="bench",
-        outcome="succeeded",
-        wall_s=cpu_s,
-        cpu_s=cpu_s,
-        started_at=now - timedelta(seconds=cpu_s),
-        finished_at=now,
-    )
 
 
 def write_policy(path: Path) -> Path:
@@ -85,7 +66,9 @@ async def prefill(settings: Settings, count: int) -> None:
             tenant = TENANTS[n % len(TENANTS)]
             batch.append(
                 producer.send(
-                    settings.usage_topic, event(tenant, 0.001, n).to_bytes(), key=tenant.encode()
+                    settings.usage_topic,
+                    cpu_usage(tenant, 0.001, n).to_bytes(),
+                    key=tenant.encode(),
                 )
             )
             if len(batch) >= 1000:
@@ -164,7 +147,7 @@ async def detection(
         while not stop.is_set():
             tenant = random.choice(TENANTS)
             await producer.send(
-                settings.usage_topic, event(tenant, 0.001, n).to_bytes(), key=tenant.encode()
+                settings.usage_topic, cpu_usage(tenant, 0.001, n).to_bytes(), key=tenant.encode()
             )
             n += 1
             await asyncio.sleep(1 / background)
@@ -178,7 +161,7 @@ async def detection(
             await asyncio.sleep(start - now + random.uniform(0.1, WINDOW - 0.4))
             for n in range(3):
                 await producer.send_and_wait(
-                    settings.usage_topic, event("hog", 1.0, n).to_bytes(), key=b"hog"
+                    settings.usage_topic, cpu_usage("hog", 1.0, n).to_bytes(), key=b"hog"
                 )
             violated[f"penalty:cpu_share:hog:{int(start)}"] = time.time()
         await asyncio.sleep(WINDOW + GRACE + 3)

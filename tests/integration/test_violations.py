@@ -10,7 +10,6 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ from orchestrator import store, topology
 from orchestrator.config import Settings
 from orchestrator.store.tenants import TenantStore
 from orchestrator.violations.service import ViolationsConsumer
-from schemas import UsageEvent
+from tests.factories import cpu_usage
 from tests.integration.helpers import body, drain, fresh_settings, status_feed
 from tests.integration.processes import process_env, spawn, stop_all
 
@@ -54,25 +53,6 @@ def write_policy(path: Path, penalty_s: float = 8.0, quarantine_s: float = 4.0) 
     return path
 
 
-def usage(tenant: str, cpu_s: float, n: int) -> UsageEvent:
-    now = datetime.now(UTC)
-    return UsageEvent(
-        event_id=f"{tenant}-{uuid.uuid4().hex[:8]}-{n}:s:1",
-        tenant=tenant,
-        flow_id="f",
-        execution_id=f"{tenant}-{n}",
-        step_id="s",
-        step_type="demo.cpu",
-        attempt=1,
-        worker_id="test",
-        outcome="succeeded",
-        wall_s=cpu_s,
-        cpu_s=cpu_s,
-        started_at=now - timedelta(seconds=cpu_s),
-        finished_at=now,
-    )
-
-
 async def next_window_start() -> float:
     """Sleeps until just after a window boundary; returns that window's start."""
     now = time.time()
@@ -90,7 +70,7 @@ class Rig:
 
     async def send(self, tenant: str, cpu_s: float, count: int) -> None:
         for n in range(count):
-            event = usage(tenant, cpu_s, n)
+            event = cpu_usage(tenant, cpu_s, n)
             await self.producer.send_and_wait(
                 self.settings.usage_topic, event.to_bytes(), key=tenant.encode()
             )

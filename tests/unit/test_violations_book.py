@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import copy
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 from orchestrator.violations.book import Book
 from orchestrator.violations.policy import PolicyFile
 from schemas import UsageEvent
+from tests.factories import cpu_usage
 
 WINDOW = 10
 T0 = 1_800_000_000  # a window start (multiple of 10)
@@ -32,22 +33,7 @@ POLICY = PolicyFile.model_validate(
 
 
 def event(tenant: str, at: float, cpu: float, n: int, flow: str = "f") -> UsageEvent:
-    finished = datetime.fromtimestamp(at, UTC)
-    return UsageEvent(
-        event_id=f"{tenant}-{n}:s:1",
-        tenant=tenant,
-        flow_id=flow,
-        execution_id=f"{tenant}-{n}",
-        step_id="s",
-        step_type="demo.cpu",
-        attempt=1,
-        worker_id="w",
-        outcome="succeeded",
-        wall_s=cpu,
-        cpu_s=cpu,
-        started_at=finished - timedelta(seconds=cpu),
-        finished_at=finished,
-    )
+    return cpu_usage(tenant, cpu, n, finished=datetime.fromtimestamp(at, UTC), flow=flow)
 
 
 def book(tables: dict[str, dict[str, Any]] | None = None) -> tuple[Book, dict[str, Any]]:
