@@ -34,6 +34,7 @@ from bench.common import isolated_settings, percentile, print_table
 from orchestrator import store, topology
 from orchestrator.amqp import connect, open_channel, publish
 from orchestrator.config import Settings
+from orchestrator.kafka import ensure_topics
 from orchestrator.store.tenants import TenantStore
 from schemas import StepResult, StepTask, UsageEvent
 from tests.integration.processes import spawn, stop_all
@@ -217,6 +218,9 @@ async def run_one(
     settings: Settings, scenario: Scenario, strategy: str, slots: int
 ) -> dict[str, float]:
     settings = settings.model_copy(update={"usage_topic": f"bench.usage.{uuid.uuid4().hex[:8]}"})
+    # Created up front, as in a deployment: a producer auto-creating it mid-run stalls the
+    # host for tens of milliseconds, and that would be measured as dwell.
+    await ensure_topics(settings)
     connection = await connect(settings, "bench-fairness")
     channel = await open_channel(connection, prefetch=1000)
     await topology.apply(channel)

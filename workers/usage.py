@@ -8,6 +8,7 @@ oldest, counting the loss) and the sender keeps retrying.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from collections import deque
@@ -120,6 +121,10 @@ class UsageReporter:
         return self._producer
 
     async def _send_loop(self) -> None:
+        # Connected before the first step: starting a producer (bootstrap, metadata, producer
+        # id) in the middle of the first steps would take their time on a busy host.
+        with contextlib.suppress(Exception):
+            await self._producer_ready()
         while True:
             if not self.buffer:
                 if self._closing:
