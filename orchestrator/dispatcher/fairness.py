@@ -9,7 +9,9 @@ Rules, with their reasons:
 * serve the backlogged, eligible tenant with the smallest start tag; the virtual time becomes
   that tag (SFQ: bounded lag between any two backlogged tenants, whatever their costs);
 * a tenant that becomes backlogged, or eligible again after a filter held it back, starts at
-  max(virtual time, its last finish): no credit for idle time, so no burst on return;
+  max(virtual time, its last finish): no credit for idle time, so no burst on return (for a
+  newcomer the virtual time is also capped by the backlogged tenants' start tags, which a
+  refunded estimate can lower: it never starts behind a busy tenant);
 * ties break on the order tenants were first seen, never on tenant-chosen strings;
 * eligibility (quarantine, caps, rate limits) is a filter applied at pick time, not a change
   of the ordering.
@@ -89,7 +91,7 @@ class FairQueue:
     def push(self, item: Item) -> None:
         tenant = self._tenant(item.tenant)
         if tenant.backlog == 0:
-            tenant.start = max(self.vtime, tenant.finish)
+            tenant.start = max(self._virtual_time(), tenant.finish)
         flow = tenant.flows.get(item.flow)
         if flow is None:
             flow = tenant.flows[item.flow] = _Flow(index=next(self._flow_order))
@@ -98,20 +100,36 @@ class FairQueue:
         flow.items.append(item)
         tenant.backlog += 1
 
+    def _virtual_time(self) -> float:
+        """Where a tenant that becomes backlogged starts: the last served start tag, or lower
+        if a backlogged tenant's start has since dropped below it (a completion refunded an
+        estimate that ran high). A newcomer must not queue behind such a refund."""
+        starts = [t.start for t in self._tenants.values() if t.backlog and not t.held]
+        return min([self.vtime, *starts])
+
     def backlog(self, tenant: str | None = None) -> int:
         if tenant is not None:
             state = self._tenants.get(tenant)
             return state.backlog if state else 0
         return sum(t.backlog for t in self._tenants.values())
 
-    def pick(self, eligible: Callable[[str, str], bool] | None = None) -> Item | None:
-        """The next item to dispatch, or None when no eligible tenant has work."""
+    def pick(
+        self,
+        eligible: Callable[[str, str], bool] | None = None,
+        estimate: Callable[[Item], float] | None = None,
+    ) -> Item | None:
+        """The next item to dispatch, or None when no eligible tenant has work. `estimate`
+        re-prices the item now: an item that waited was priced with what was known when it
+        arrived, and charging a stale figure that `complete` later refunds would let its
+        tenant run ahead of (or behind) a tenant arriving in between."""
         name = self._head(eligible, serving=True)
         if name is None:
             return None
         tenant = self._tenants[name]
         flow = self._pick_flow(name, tenant, eligible)
         item = flow.items.popleft()
+        if estimate is not None:
+            item.cost = estimate(item)
         tenant.backlog -= 1
         self.vtime = tenant.start
         tenant.finish = tenant.start + max(item.cost, MIN_COST) / tenant.rate

@@ -75,6 +75,20 @@ def test_idle_returning_tenant_gets_no_burst() -> None:
     assert next_ten["quiet"] <= 6  # its fair half (+1), not 10 in a row to "catch up"
 
 
+def test_newcomer_does_not_queue_behind_a_busy_tenants_refunds() -> None:
+    """Estimates that ran high are refunded on completion, which can put a backlogged tenant's
+    start tag below the virtual time; a tenant arriving then is served within one pick, not
+    after the busy one has used up its refunds."""
+    queue = FairQueue()
+    for _ in range(100):
+        queue.push(item("busy", cost=0.1))
+    in_flight = serve(queue, 8)
+    for done in in_flight:
+        queue.complete(done, 0.02)  # five times cheaper than estimated
+    queue.push(item("quiet", cost=0.02))
+    assert "quiet" in [p.tenant for p in serve(queue, 2)]
+
+
 def test_held_back_tenant_gets_no_burst_after_release() -> None:
     queue = FairQueue()
     for _ in range(200):
