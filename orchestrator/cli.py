@@ -298,9 +298,12 @@ def worker(  # noqa: PLR0917 - typer options
     express_slots: Annotated[
         int,
         typer.Option(
-            min=0, max=100, help="extra slots kept for tenants with nothing running (express lane)"
+            min=0,
+            max=100,
+            help="extra slots for tenants with nothing running (express lane): how many "
+            "newly active tenants start at once while the regular slots are busy",
         ),
-    ] = 1,
+    ] = 2,
 ) -> None:
     """Runs a step worker with the built-in steps plus those of --steps modules."""
     settings = settings_or_exit()

@@ -28,6 +28,7 @@ from orchestrator.store import Keys
 from orchestrator.telemetry import bound_context, get_logger
 from schemas import StepResult, StepTask, UsageEvent
 from schemas.steps import StepError
+from workers.slots import SlotPool
 from workers.usage import Metered, UsageReporter, rss_bytes
 
 log = get_logger(__name__)
@@ -119,7 +120,7 @@ class Worker:
         grace_s: float = 30.0,
         usage: UsageReporter | None = None,
         queues: list[str] | None = None,
-        express_slots: int = 1,
+        express_slots: int = 2,
     ) -> None:
         self.settings = settings
         self.connection = connection
@@ -140,9 +141,8 @@ class Worker:
         self.threads = ThreadPoolExecutor(
             max_workers=concurrency + express_slots, thread_name_prefix="step"
         )
-        self._express = asyncio.Semaphore(express_slots)
         self.in_flight: dict[str, asyncio.Task[None]] = {}
-        self._slots = asyncio.Semaphore(concurrency)
+        self._slots = SlotPool(concurrency, express_slots)
         self._channel: AbstractChannel | None = None
         keys = Keys(settings.redis_prefix)
         self._registry_key = keys.worker(self.worker_id)
@@ -232,24 +232,18 @@ class Worker:
                 await asyncio.wait_for(stop.wait(), HEARTBEAT_S)
 
     async def _on_message(self, incoming: AbstractIncomingMessage) -> None:
-        await self._run_in_slot(incoming, self._slots)
+        await self._run_in_slot(incoming, express=False)
 
     async def _on_express(self, incoming: AbstractIncomingMessage) -> None:
-        """An express step takes a reserved slot if one is free, else the next free slot."""
-        free = self._express if not self._express.locked() else None
-        if free is None and not self._slots.locked():
-            free = self._slots
-        await self._run_in_slot(incoming, free or self._slots)
+        await self._run_in_slot(incoming, express=True)
 
-    async def _run_in_slot(
-        self, incoming: AbstractIncomingMessage, slots: asyncio.Semaphore
-    ) -> None:
+    async def _run_in_slot(self, incoming: AbstractIncomingMessage, *, express: bool) -> None:
         task = asyncio.current_task()
         key = incoming.message_id or str(id(incoming))
         if task is not None:
             self.in_flight[key] = task
         try:
-            async with slots:
+            async with self._slots.slot(express=express):
                 await self._handle(incoming)
         except asyncio.CancelledError:
             with contextlib.suppress(Exception):
