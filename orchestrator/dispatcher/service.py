@@ -149,6 +149,9 @@ class Dispatcher:
         self._consumed: set[str] = set()
         self._channel: AbstractChannel | None = None
         self._control: AbstractChannel | None = None
+        self._releases: set[asyncio.Task[None]] = set()
+        self._failure: BaseException | None = None
+        self._refreshing = asyncio.Lock()
 
     # ------------------------------------------------------------------ process
     async def run(self, stop: asyncio.Event) -> None:
@@ -157,30 +160,30 @@ class Dispatcher:
         control = await self._control.get_queue(topology.CONTROL_QUEUE)
         control_tag = await control.consume(self._on_control)
         log.info("dispatcher.started", id=self.id)
-        lease = asyncio.create_task(self._keep_lease(stop), name="dispatcher-lease")
-        refreshed = 0.0
+        helpers = [
+            asyncio.create_task(self._keep_lease(stop), name="dispatcher-lease"),
+            asyncio.create_task(self._keep_fresh(stop), name="dispatcher-refresh"),
+        ]
         try:
             while not stop.is_set():
-                # A wake (new step, completion, command, lease change) dispatches; the
-                # refresh runs on its own clock, so a busy dispatcher does no extra Redis work.
+                if self._failure is not None:
+                    raise self._failure
+                # A wake (new step, completion, command, lease change, refresh) dispatches.
+                # Nothing here waits for Redis or a confirm: a step that arrives is picked at
+                # once, not after whatever the loop was awaiting.
                 if self._holding() and not self.leader:
                     await self._become_leader()
-                    refreshed = 0.0
                 elif not self._holding() and self.leader:
                     await self._step_down()
                 if self.leader:
-                    if time.monotonic() - refreshed >= REFRESH_S:
-                        await self._refresh()
-                        refreshed = time.monotonic()
-                    await self._dispatch()
+                    self._dispatch()
                 self._wake.clear()
-                due = refreshed + REFRESH_S if self.leader else time.monotonic() + RENEW_S
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), max(0.01, due - time.monotonic()))
+                    await asyncio.wait_for(self._wake.wait(), REFRESH_S)
         finally:
-            lease.cancel()
-            with contextlib.suppress(BaseException):
-                await lease
+            for helper in helpers:
+                helper.cancel()
+            await asyncio.gather(*helpers, return_exceptions=True)
             with contextlib.suppress(Exception):
                 await control.cancel(control_tag)
             if self.leader:
@@ -208,6 +211,20 @@ class Dispatcher:
                 self._wake.set()
             await asyncio.sleep(RENEW_S)
 
+    async def _keep_fresh(self, stop: asyncio.Event) -> None:
+        """Re-reads tenants, policies and worker capacity every REFRESH_S while leading, on its
+        own task: the dispatch loop never waits for these Redis round trips."""
+        while not stop.is_set():
+            await asyncio.sleep(REFRESH_S)
+            if not self.leader:
+                continue
+            try:
+                await self._refresh()
+            except Exception as exc:
+                if self.leader:  # else it failed on the channel a step-down closed
+                    self._failure = exc
+            self._wake.set()
+
     def _holding(self) -> bool:
         # A safety margin: stop releasing before the lease could have passed to a standby.
         return time.monotonic() < self._lease_until - LEASE_MARGIN_S
@@ -218,11 +235,13 @@ class Dispatcher:
         self._channel = await open_channel(self.connection, prefetch=HEAD_BUFFER)
         completions = await self._channel.get_queue(topology.COMPLETIONS_QUEUE)
         self._consumers.append((completions, await completions.consume(self._on_completion)))
+        await self._refresh()
 
     async def _step_down(self) -> None:
         """Lost the lease: stop consuming and give back every held message."""
         log.warning("dispatcher.standing_down", id=self.id)
         self.leader = False
+        await self._settle_releases()
         channel, self._channel = self._channel, None
         self._consumers.clear()
         self._consumed.clear()
@@ -236,13 +255,21 @@ class Dispatcher:
 
     # ------------------------------------------------------------------ state
     async def _refresh(self) -> None:
+        async with self._refreshing:  # the first one (on taking the lead) and the periodic
+            await self._refresh_once()
+
+    async def _refresh_once(self) -> None:
+        channel = self._channel
+        assert channel is not None
         tenants = await self.tenants.tenants()
-        assert self._channel is not None
         for tenant in tenants:
             if tenant not in self._consumed:
-                await topology.declare_tenant_queue(self._channel, tenant)
-                queue = await self._channel.get_queue(topology.tenant_queue_name(tenant))
-                self._consumers.append((queue, await queue.consume(self._on_task)))
+                await topology.declare_tenant_queue(channel, tenant)
+                queue = await channel.get_queue(topology.tenant_queue_name(tenant))
+                tag = await queue.consume(self._on_task)
+                if self._channel is not channel:
+                    return  # stepped down meanwhile: that channel and its consumers are gone
+                self._consumers.append((queue, tag))
                 self._consumed.add(tenant)
         if tenants:
             self.policies = await self.tenants.policies(tenants)
@@ -273,6 +300,14 @@ class Dispatcher:
         ratio = self.round_trip_s / max(self.step_s, 1e-3)
         wanted = math.ceil(capacity * min(ratio, self.settings.dispatcher_headroom))
         return max(1, capacity + wanted)
+
+    def _estimate(self, item: Item) -> float:
+        """A tenant's own history of the step type, else everyone's, else a default: a new
+        tenant is charged the typical cost, not a guess that under- or over-serves it."""
+        step_type = item.payload.task.step_type
+        return self.estimates.get(
+            (item.tenant, step_type), self.estimates.get(("", step_type), DEFAULT_COST_S)
+        )
 
     def _eligible(self, tenant: str, flow: str) -> bool:
         policy = self.policies.get(tenant)
@@ -308,13 +343,8 @@ class Dispatcher:
         if key not in self.max_parallel:
             definition = await self.flows.get(task.tenant, task.flow_id)
             self.max_parallel[key] = definition.max_parallel if definition else 1_000
-        # A tenant's own history of the step type, else everyone's, else a default: a new
-        # tenant is charged the typical cost, not a guess that under- or over-serves it.
-        estimate = self.estimates.get(
-            (task.tenant, task.step_type), self.estimates.get(("", task.step_type), DEFAULT_COST_S)
-        )
         self.queue.push(
-            Item(task.task_id, task.tenant, task.flow_id, estimate, Held(task, incoming))
+            Item(task.task_id, task.tenant, task.flow_id, DEFAULT_COST_S, Held(task, incoming))
         )
         self._wake.set()
 
@@ -398,13 +428,13 @@ class Dispatcher:
         return f"{self.keys.prefix}dispatched:{task_id}"
 
     # ------------------------------------------------------------------ dispatch
-    async def _dispatch(self) -> None:
-        """Releases steps in fair order while the workers have free slots.
-
-        All the steps that fit are picked first, then published together (their confirms
-        overlap), their dispatched markers written in one round trip, and only then acked:
-        the latency of a release is one confirm, however many slots came free at once."""
-        while self._channel is not None and self._holding():
+    def _dispatch(self) -> None:
+        """Picks, in fair order, every step the workers have room for, and hands them to a
+        release task: published together (their confirms overlap), their dispatched markers
+        written in one round trip, and only then acked. Not awaited: while a batch waits for
+        its confirms, the next pick (a step that just arrived, a slot that just came free)
+        goes out too."""
+        if self._channel is not None and self._holding():
             batch: list[tuple[Item, bool]] = []
             while True:
                 # A full window still releases the fair order's next step when its tenant has
@@ -415,7 +445,7 @@ class Dispatcher:
                     head = self.queue.peek(self._eligible)
                     if head is None or self.per_tenant.get(head, 0) != 0:
                         break
-                item = self.queue.pick(self._eligible)
+                item = self.queue.pick(self._eligible, self._estimate)
                 if item is None:
                     break
                 task: StepTask = item.payload.task
@@ -433,7 +463,9 @@ class Dispatcher:
                 batch.append((item, express))
             if not batch:
                 return
-            await self._release(self._channel, batch)
+            release = asyncio.create_task(self._release(self._channel, batch))
+            self._releases.add(release)
+            release.add_done_callback(self._released)
 
     async def _release(self, channel: AbstractChannel, batch: list[tuple[Item, bool]]) -> None:
         outcomes = await asyncio.gather(
@@ -471,6 +503,20 @@ class Dispatcher:
             )
         if len(released) < len(batch):
             raise RuntimeError("work-queue publish not confirmed")
+
+    def _released(self, release: asyncio.Task[None]) -> None:
+        self._releases.discard(release)
+        if not release.cancelled() and release.exception() is not None:
+            self._failure = release.exception()
+            self._wake.set()
+
+    async def _settle_releases(self) -> None:
+        """Waits for the releases under way, so their confirms, markers and acks are done
+        before the channel closes (a standby may lead next)."""
+        if self._releases:
+            _, late = await asyncio.wait(set(self._releases), timeout=LEASE_MARGIN_S)
+            for release in late:  # unconfirmed: their messages go back with the channel
+                release.cancel()
 
     def snapshot(self) -> dict[str, Any]:
         return {
