@@ -214,9 +214,7 @@ async def read_cpu(settings: Settings, count: int) -> dict[str, float]:
     return cpu
 
 
-async def run_one(
-    settings: Settings, scenario: Scenario, strategy: str, slots: int
-) -> dict[str, float]:
+async def run_one(settings: Settings, scenario: Scenario, strategy: str, slots: int) -> Figures:
     settings = settings.model_copy(update={"usage_topic": f"bench.usage.{uuid.uuid4().hex[:8]}"})
     # Created up front, as in a deployment: a producer auto-creating it mid-run stalls the
     # host for tens of milliseconds, and that would be measured as dwell.
@@ -302,7 +300,13 @@ def shares(scenario: Scenario, served: dict[str, float]) -> tuple[float, float]:
     return min(ratios), jain
 
 
-def measure(scenario: Scenario, run: Run, start: float) -> dict[str, float]:
+@dataclass
+class Figures:
+    dwell: list[float]  # quiet tenants' enqueue -> start, seconds
+    figures: dict[str, float]
+
+
+def measure(scenario: Scenario, run: Run, start: float) -> Figures:
     dwell: list[float] = []
     last_start: dict[str, float] = defaultdict(float)
     for result in run.results:
@@ -330,26 +334,35 @@ def measure(scenario: Scenario, run: Run, start: float) -> dict[str, float]:
     cpu_worst, _ = shares(scenario, cpu) if run.cpu else (float("nan"), float("nan"))
     finished = max(r.finished_at.timestamp() for r in run.results)
     makespan = finished - start
-    return {
-        "dwell_p50": percentile(dwell, 50) * 1000,
-        "dwell_p99": percentile(dwell, 99) * 1000,
-        "worst": worst,
-        "cpu_worst": cpu_worst,
-        "jain": jain,
-        "makespan": makespan,
-        "throughput": len(run.results) / makespan,
-    }
+    return Figures(
+        dwell,
+        {
+            "worst": worst,
+            "cpu_worst": cpu_worst,
+            "jain": jain,
+            "makespan": makespan,
+            "throughput": len(run.results) / makespan,
+        },
+    )
 
 
 def median_run(
     settings: Settings, scenario: Scenario, strategy: str, slots: int, repeat: int
 ) -> dict[str, float]:
-    """Each figure is the median over `repeat` runs: the machines are shared and noisy."""
+    """Each figure is the median over `repeat` runs (the machines are shared and noisy), but
+    the dwell percentiles are taken over the samples of all runs pooled: one run has 60
+    quiet steps, so its own "p99" is its slowest step, whatever stalled the host then."""
     runs = []
     for attempt in range(repeat):
         print(f"{scenario.name}: {strategy} ({attempt + 1}/{repeat}) ...", file=sys.stderr)
         runs.append(asyncio.run(run_one(settings, scenario, strategy, slots)))
-    return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+    pooled = [sample for run in runs for sample in run.dwell]
+    medians = {key: statistics.median(run.figures[key] for run in runs) for key in runs[0].figures}
+    return {
+        "dwell_p50": percentile(pooled, 50) * 1000,
+        "dwell_p99": percentile(pooled, 99) * 1000,
+        **medians,
+    }
 
 
 def main() -> None:
@@ -385,8 +398,8 @@ def main() -> None:
                     ]
                 )
     print_table(
-        f"fairness ({args.slots} worker slots, median of {args.repeat}; "
-        "dwell = enqueue -> start of quiet tenants' steps)",
+        f"fairness ({args.slots} worker slots, {args.repeat} runs per cell: medians, dwell "
+        "percentiles over all runs' samples; dwell = enqueue -> start of quiet tenants' steps)",
         [
             "scenario",
             "strategy",
