@@ -150,6 +150,7 @@ class Dispatcher:
         self._channel: AbstractChannel | None = None
         self._control: AbstractChannel | None = None
         self._releases: set[asyncio.Task[None]] = set()
+        self._refilling = False
         self._failure: BaseException | None = None
         self._refreshing = asyncio.Lock()
 
@@ -431,9 +432,10 @@ class Dispatcher:
     def _dispatch(self) -> None:
         """Picks, in fair order, every step the workers have room for, and hands them to a
         release task: published together (their confirms overlap), their dispatched markers
-        written in one round trip, and only then acked. Not awaited: while a batch waits for
-        its confirms, the next pick (a step that just arrived, a slot that just came free)
-        goes out too."""
+        written in one round trip, and only then acked. Not awaited, so the loop never waits
+        for I/O. One refill of the window is under way at a time: slots that free meanwhile
+        are picked together when it is done (batches grow with the load, as they did when the
+        loop awaited them). Express steps do not wait for it."""
         if self._channel is not None and self._holding():
             batch: list[tuple[Item, bool]] = []
             while True:
@@ -441,7 +443,7 @@ class Dispatcher:
                 # nothing in flight (newly active, or quiet): through the express lane, where
                 # it takes the next free slot instead of waiting for a completion and then
                 # behind the headroom queued for the busy tenants. Otherwise: wait for a slot.
-                if len(self.in_flight) >= self.window:
+                if len(self.in_flight) >= self.window or self._refilling:
                     head = self.queue.peek(self._eligible)
                     if head is None or self.per_tenant.get(head, 0) != 0:
                         break
@@ -466,6 +468,13 @@ class Dispatcher:
             release = asyncio.create_task(self._release(self._channel, batch))
             self._releases.add(release)
             release.add_done_callback(self._released)
+            if not all(express for _, express in batch):
+                self._refilling = True
+                release.add_done_callback(self._refilled)
+
+    def _refilled(self, _: asyncio.Task[None]) -> None:
+        self._refilling = False
+        self._wake.set()
 
     async def _release(self, channel: AbstractChannel, batch: list[tuple[Item, bool]]) -> None:
         outcomes = await asyncio.gather(
