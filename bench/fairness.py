@@ -1,6 +1,6 @@
 """Fairness benchmark: the same workers and workload under three strategies, in one run.
 
-    python -m bench.fairness [--slots 4] [--scenarios balanced,weighted,...]
+    python -m bench.fairness [--slots 4] [--scenarios balanced,weighted,...] [--repeat N]
 
 Strategies:
 * fifo  - one shared queue (what Celery does): tasks go straight to work.default;
@@ -8,11 +8,12 @@ Strategies:
 * fair  - this dispatcher: fq.<tenant> -> weighted SFQ -> work.default.
 
 Every scenario runs on a fresh `orchestrator worker --concurrency SLOTS` (and, for `fair`, a
-fresh `orchestrator dispatcher`). Steps are `demo.sleep`, so a step's cost is its slot time
-and the figures do not depend on CPU noise. Printed per scenario and strategy:
+fresh `orchestrator dispatcher`). Steps are `demo.sleep` (cost = slot time), except in
+heavy-cpu (`demo.cpu`, shares also in CPU seconds). Printed per scenario and strategy:
 quiet-tenant dwell (enqueue -> start) p50/p99, worst served-share/weight and Jain's index of
 weight-normalised service (over the period when every tenant was backlogged), makespan and
-throughput.
+throughput, and the ratios to FIFO. With --repeat N each figure is the median of N runs,
+except the dwell percentiles, which are over all N runs' samples.
 """
 
 from __future__ import annotations
