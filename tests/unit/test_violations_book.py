@@ -36,11 +36,13 @@ def event(tenant: str, at: float, cpu: float, n: int, flow: str = "f") -> UsageE
     return cpu_usage(tenant, cpu, n, finished=datetime.fromtimestamp(at, UTC), flow=flow)
 
 
-def book(tables: dict[str, dict[str, Any]] | None = None) -> tuple[Book, dict[str, Any]]:
+def book(
+    tables: dict[str, dict[str, Any]] | None = None, policy: PolicyFile = POLICY
+) -> tuple[Book, dict[str, Any]]:
     tables = tables if tables is not None else {n: {} for n in ("w", "t", "c", "o", "a")}
     return (
         Book(
-            POLICY,
+            policy,
             windows=tables["w"],
             totals=tables["t"],
             cursors=tables["c"],
@@ -168,16 +170,7 @@ def test_a_flow_that_keeps_outrunning_its_interval_is_quarantined_alone() -> Non
             },
         }
     )
-    tables: dict[str, dict[str, Any]] = {n: {} for n in ("w", "t", "c", "o", "a")}
-    b = Book(
-        policy,
-        windows=tables["w"],
-        totals=tables["t"],
-        cursors=tables["c"],
-        offences=tables["o"],
-        active=tables["a"],
-        grace_s=1.0,
-    )
+    b, _ = book(policy=policy)
     start = T0 // 60 * 60 + 60
     # Two executions of "slow" run 15 s each, its schedule fires every 10 s; "fast" is fine.
     events = [event("acme", start + 20 + 15 * k, 15.0, k, flow="slow") for k in range(2)]
