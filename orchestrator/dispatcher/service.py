@@ -150,6 +150,8 @@ class Dispatcher:
         self._channel: AbstractChannel | None = None
         self._control: AbstractChannel | None = None
         self._releases: set[asyncio.Task[None]] = set()
+        self._unchecked: list[Held] = []  # delivered, not yet checked against the markers
+        self._checking: asyncio.Task[None] | None = None
         self._refilling = False
         self._failure: BaseException | None = None
         self._refreshing = asyncio.Lock()
@@ -235,7 +237,11 @@ class Dispatcher:
         self.leader = True
         self._channel = await open_channel(self.connection, prefetch=HEAD_BUFFER)
         completions = await self._channel.get_queue(topology.COMPLETIONS_QUEUE)
-        self._consumers.append((completions, await completions.consume(self._on_completion)))
+        # Without acks: a completion only corrects the accounting of this leader's in-flight
+        # steps, which a new leader does not inherit anyway (and `_expire_in_flight` forgets a
+        # completion that never came). Saves an ack per step on both ends.
+        tag = await completions.consume(self._on_completion, no_ack=True)
+        self._consumers.append((completions, tag))
         await self._refresh()
 
     async def _step_down(self) -> None:
@@ -243,6 +249,9 @@ class Dispatcher:
         log.warning("dispatcher.standing_down", id=self.id)
         self.leader = False
         await self._settle_releases()
+        if self._checking is not None:
+            self._checking.cancel()
+        self._unchecked.clear()
         channel, self._channel = self._channel, None
         self._consumers.clear()
         self._consumed.clear()
@@ -337,24 +346,43 @@ class Dispatcher:
             assert self._channel is not None
             await reject_invalid(self._channel, incoming, queue, exc)
             return
-        if await self.redis.exists(self._dispatched_key(task.task_id)):
-            await incoming.ack()  # already released before a takeover
-            return
-        key = (task.tenant, task.flow_id)
-        if key not in self.max_parallel:
-            definition = await self.flows.get(task.tenant, task.flow_id)
-            self.max_parallel[key] = definition.max_parallel if definition else 1_000
-        self.queue.push(
-            Item(task.task_id, task.tenant, task.flow_id, DEFAULT_COST_S, Held(task, incoming))
-        )
-        self._wake.set()
+        self._unchecked.append(Held(task, incoming))
+        if self._checking is None or self._checking.done():
+            self._checking = asyncio.create_task(self._check(self._channel))
+            self._checking.add_done_callback(self._checked)
+
+    async def _check(self, channel: AbstractChannel | None) -> None:
+        """Queues the delivered steps, minus copies a leader already released (a takeover
+        redelivers what the old leader had not acked yet, the engine may publish a step twice
+        after a crash): one Redis round trip for every delivery that arrived meanwhile."""
+        while self._unchecked:
+            batch, self._unchecked = self._unchecked, []
+            markers = await self.redis.mget([self._dispatched_key(h.task.task_id) for h in batch])
+            for held in batch:
+                key = (held.task.tenant, held.task.flow_id)
+                if key not in self.max_parallel:
+                    definition = await self.flows.get(*key)
+                    self.max_parallel[key] = definition.max_parallel if definition else 1_000
+            if self._channel is not channel:
+                return  # stepped down meanwhile: these went back to their queues
+            for held, marker in zip(batch, markers, strict=True):
+                if marker is not None:
+                    await held.incoming.ack()  # already released
+                    continue
+                task = held.task
+                self.queue.push(Item(task.task_id, task.tenant, task.flow_id, DEFAULT_COST_S, held))
+            self._wake.set()
+
+    def _checked(self, check: asyncio.Task[None]) -> None:
+        if not check.cancelled() and check.exception() is not None:
+            self._failure = check.exception()  # Redis is gone: end, a restart starts clean
+            self._wake.set()
 
     async def _on_completion(self, incoming: AbstractIncomingMessage) -> None:
         try:
             result = decode(incoming, StepResult)
         except InvalidMessage:
-            await incoming.ack()  # the engine's copy of the same message is dead-lettered
-            return
+            return  # the engine's copy of the same message is dead-lettered
         entry = self.in_flight.get(result.task_id)
         item = self._forget(result.task_id)
         if item is not None and entry is not None:
@@ -370,7 +398,6 @@ class Dispatcher:
                 self.estimates[key] = (1 - EWMA_ALPHA) * previous + EWMA_ALPHA * cost
             self.queue.complete(item, cost)
             COST_SERVED.labels(item.tenant).inc(cost)
-        await incoming.ack()
         self._wake.set()
 
     async def _on_control(self, incoming: AbstractIncomingMessage) -> None:

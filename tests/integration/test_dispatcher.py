@@ -159,6 +159,17 @@ async def test_quarantine_stops_a_tenant_and_release_resumes_it(rig: Rig) -> Non
     assert "ta" in resumed
 
 
+async def test_a_copy_of_a_released_step_is_dropped(rig: Rig) -> None:
+    """A takeover redelivers what the old leader released but had not acked, and the engine
+    may publish a step twice after a crash: the dispatched marker drops the second copy."""
+    await rig.enqueue("ta", 1)
+    assert await rig.completions(1) == ["ta"]
+    await rig.enqueue("ta", 1)  # the same attempt id again
+    await rig.enqueue("ta", 1, start=1)
+    later = [body(m)["task_id"] for m in await drain(rig.results, settle_s=1.0)]
+    assert later == ["ta-1:s:1"]
+
+
 async def test_killed_active_dispatcher_loses_nothing(
     settings: Settings, channel: AbstractChannel
 ) -> None:
