@@ -170,6 +170,27 @@ async def test_a_copy_of_a_released_step_is_dropped(rig: Rig) -> None:
     assert later == ["ta-1:s:1"]
 
 
+async def test_a_redelivered_copy_of_a_released_step_is_dropped(rig: Rig) -> None:
+    """What a dead leader released but had not acked comes back, redelivered, to the next
+    leader: the dispatched marker drops it."""
+    tenant = "late"  # not registered yet, so no dispatcher consumes its queue
+    await reset_queues(rig.channel, tenant)
+    released, fresh = task(tenant, 0), task(tenant, 1)
+    await publish(rig.channel, released)
+    queue = await rig.channel.get_queue(topology.tenant_queue_name(tenant))
+    try:
+        first = await queue.get(timeout=5)  # the old leader got it,
+        marker = f"{store.Keys(rig.settings.redis_prefix).prefix}dispatched:{released.task_id}"
+        await rig.tenants.redis.set(marker, "1", ex=600)  # released it,
+        await first.nack(requeue=True)  # and died before its ack
+        await publish(rig.channel, fresh)
+        await rig.tenants.register(tenant)
+        later = [body(m)["task_id"] for m in await drain(rig.results, settle_s=1.5)]
+        assert later == [fresh.task_id]
+    finally:
+        await queue.purge()
+
+
 async def test_killed_active_dispatcher_loses_nothing(
     settings: Settings, channel: AbstractChannel
 ) -> None:
