@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import sys
 import time
@@ -159,6 +160,17 @@ class Run:
     )  # id -> tenant, weight, enq
     results: list[StepResult] = field(default_factory=list)
     cpu: dict[str, float] = field(default_factory=dict)  # id -> CPU seconds (usage events)
+    process_cpu: dict[str, float] = field(default_factory=dict)  # role -> CPU seconds
+
+
+def cpu_seconds(pid: int) -> float:
+    """A process's CPU time so far (user + system), from /proc; NaN where there is none."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def publish_tenant(
@@ -261,8 +273,10 @@ async def run_one(settings: Settings, scenario: Scenario, strategy: str, slots: 
     results = await channel.get_queue(topology.RESULTS_QUEUE)
     await results.consume(on_result, no_ack=True)
     processes = []
+    roles = []
     if strategy == "fair":
         processes.append(spawn(settings, "dispatcher"))
+        roles.append("dispatcher")
         worker_args = ["worker", "--concurrency", str(slots)]
     elif strategy == "rr":
         worker_args = ["worker", "--concurrency", str(slots)]
@@ -271,7 +285,9 @@ async def run_one(settings: Settings, scenario: Scenario, strategy: str, slots: 
     else:
         worker_args = ["worker", "--concurrency", str(slots)]
     processes.append(spawn(settings, *worker_args))
+    roles.append("worker")
     await asyncio.sleep(3.0)
+    started_cpu = [cpu_seconds(process.pid) for process in processes]  # start-up not counted
     nonce = uuid.uuid4().hex[:6]  # attempt ids are never reused: the dispatcher drops repeats
     try:
         start = time.time()
@@ -290,6 +306,10 @@ async def run_one(settings: Settings, scenario: Scenario, strategy: str, slots: 
             )
         )
         await asyncio.wait_for(done.wait(), 600)
+        run.process_cpu = {
+            role: cpu_seconds(process.pid) - before
+            for role, process, before in zip(roles, processes, started_cpu, strict=True)
+        }
     finally:
         stop_all(processes)
         await connection.close()
@@ -356,6 +376,12 @@ def measure(scenario: Scenario, run: Run, start: float) -> Figures:
             "jain": jain,
             "makespan": makespan,
             "throughput": len(run.results) / makespan,
+            # What each process cost per step (start-up excluded): the dispatcher's CPU is the
+            # price of fairness, taken from the broker and workers when they share a host.
+            "worker_ms": run.process_cpu.get("worker", float("nan")) * 1000 / len(run.results),
+            "dispatcher_ms": (
+                run.process_cpu.get("dispatcher", float("nan")) * 1000 / len(run.results)
+            ),
         },
     )
 
@@ -409,6 +435,8 @@ def main() -> None:
                         f"{m['throughput']:.0f}",
                         f"{m['makespan'] / fifo['makespan']:.2f}" if fifo else "-",
                         f"{m['throughput'] / fifo['throughput']:.2f}" if fifo else "-",
+                        f"{m['worker_ms']:.1f}",
+                        f"{m['dispatcher_ms']:.1f}" if strategy == "fair" else "-",
                     ]
                 )
     print_table(
@@ -426,6 +454,8 @@ def main() -> None:
             "steps/s",
             "makespan/FIFO",
             "steps/s / FIFO",
+            "worker CPU ms/step",
+            "dispatcher CPU ms/step",
         ],
         rows,
     )
