@@ -39,6 +39,7 @@ DELIVERY_LIMIT = 5
 # Per-tenant fair queue bound: a flooding tenant gets publisher back-pressure (reject-publish)
 # instead of growing the broker's memory. The engine keeps the steps it could not enqueue.
 TENANT_QUEUE_MAX_LENGTH = 10_000
+COMPLETIONS_MAX_LENGTH = 100_000
 
 DLQ_SUFFIX = ".dlq"
 
@@ -57,7 +58,13 @@ class Queue:
     consumer: str
     max_length: int | None = None
     single_active_consumer: bool = False
-    dead_letter: bool = True  # False only for the DLQs themselves
+    dead_letter: bool = True  # False for the DLQs themselves and for soft state
+    overflow: str = "reject-publish"  # at max_length: refuse the publish, or "drop-head"
+    message_ttl_ms: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.dead_letter and self.overflow != "reject-publish":
+            raise ValueError(f"{self.name}: at-least-once dead-lettering needs reject-publish")
 
     @property
     def dlq(self) -> str:
@@ -80,7 +87,9 @@ class Queue:
             )
         if self.max_length is not None:
             args["x-max-length"] = self.max_length
-            args["x-overflow"] = "reject-publish"
+            args["x-overflow"] = self.overflow
+        if self.message_ttl_ms is not None:
+            args["x-message-ttl"] = self.message_ttl_ms
         if self.single_active_consumer:
             args["x-single-active-consumer"] = True
         return args
@@ -174,8 +183,14 @@ def build_topology(pools: tuple[str, ...] = (DEFAULT_POOL,)) -> Topology:
         ),
         Queue(
             COMPLETIONS_QUEUE,
-            "Copies of step results: they free worker slots and correct cost estimates.",
+            "Copies of step results: they free worker slots and correct cost estimates. Soft "
+            "state, so bounded: while no dispatcher leads nobody reads them, and the oldest go "
+            "first, after 10 minutes at the latest.",
             consumer="dispatcher",
+            dead_letter=False,
+            max_length=COMPLETIONS_MAX_LENGTH,
+            overflow="drop-head",
+            message_ttl_ms=600_000,
         ),
         *(
             Queue(
@@ -214,8 +229,9 @@ def build_topology(pools: tuple[str, ...] = (DEFAULT_POOL,)) -> Topology:
     dlqs = [
         Queue(q.dlq, f"Dead letters of {q.name}.", consumer="operator", dead_letter=False)
         for q in queues
+        if q.dead_letter
     ]
-    dlq_bindings = [Binding(DEAD_LETTERS, q.dlq, q.name, ()) for q in queues]
+    dlq_bindings = [Binding(DEAD_LETTERS, q.dlq, q.name, ()) for q in queues if q.dead_letter]
     return Topology(EXCHANGES, tuple(queues + dlqs), tuple(bindings + dlq_bindings))
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from orchestrator import topology
 from schemas import MESSAGES, UsageEvent
 
@@ -45,3 +47,18 @@ def test_every_binding_targets_a_declared_queue_and_exchange() -> None:
     for binding in topology.TOPOLOGY.bindings:
         assert binding.queue in queues
         assert binding.exchange in exchanges
+
+
+def test_soft_state_queues_are_bounded_without_refusing_publishes() -> None:
+    """Dispatcher completions: nobody reads them while no dispatcher leads, so they must not
+    grow without bound, and a full queue must not fail the workers' result publishes."""
+    args = topology.TOPOLOGY.queue(topology.COMPLETIONS_QUEUE).arguments()
+    assert args["x-max-length"] == topology.COMPLETIONS_MAX_LENGTH
+    assert args["x-overflow"] == "drop-head"
+    assert args["x-message-ttl"] > 0
+    assert "x-dead-letter-exchange" not in args
+
+
+def test_dead_lettering_queues_refuse_to_drop_messages() -> None:
+    with pytest.raises(ValueError, match="reject-publish"):
+        topology.Queue("q", "", consumer="c", max_length=10, overflow="drop-head")
