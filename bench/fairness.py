@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import os
 import statistics
-import subprocess
 import sys
 import time
 import uuid
@@ -241,33 +240,7 @@ async def read_cpu(settings: Settings, count: int) -> dict[str, float]:
     return cpu
 
 
-def start_processes(
-    settings: Settings, strategy: str, setup: Setup
-) -> dict[str, subprocess.Popen[bytes]]:
-    """The dispatcher (fair only) and one worker, by role."""
-    processes = {}
-    worker_args = ["worker", "--concurrency", str(setup.slots)]
-    if strategy == "fair":
-        processes["dispatcher"] = spawn(settings, "dispatcher")
-        if setup.dispatcher_nice:
-            os.setpriority(os.PRIO_PROCESS, processes["dispatcher"].pid, setup.dispatcher_nice)
-    elif strategy == "rr":
-        for tenant in TENANTS:
-            worker_args += ["--queue", topology.tenant_queue_name(tenant)]
-    processes["worker"] = spawn(settings, *worker_args)
-    return processes
-
-
-@dataclass(frozen=True)
-class Setup:
-    slots: int = 4
-    # CPU priority of the dispatcher process (nice). 0: it competes for the host's CPU like
-    # everything else; 19: it only takes CPU the workers and the broker leave idle, as when
-    # it runs on CPU of its own (a deployment runs one dispatcher, off the worker hosts).
-    dispatcher_nice: int = 0
-
-
-async def run_one(settings: Settings, scenario: Scenario, strategy: str, setup: Setup) -> Figures:
+async def run_one(settings: Settings, scenario: Scenario, strategy: str, slots: int) -> Figures:
     settings = settings.model_copy(update={"usage_topic": f"bench.usage.{uuid.uuid4().hex[:8]}"})
     # Created up front, as in a deployment: a producer auto-creating it mid-run stalls the
     # host for tens of milliseconds, and that would be measured as dwell.
@@ -299,9 +272,22 @@ async def run_one(settings: Settings, scenario: Scenario, strategy: str, setup: 
 
     results = await channel.get_queue(topology.RESULTS_QUEUE)
     await results.consume(on_result, no_ack=True)
-    processes = start_processes(settings, strategy, setup)
+    processes = []
+    roles = []
+    if strategy == "fair":
+        processes.append(spawn(settings, "dispatcher"))
+        roles.append("dispatcher")
+        worker_args = ["worker", "--concurrency", str(slots)]
+    elif strategy == "rr":
+        worker_args = ["worker", "--concurrency", str(slots)]
+        for tenant in TENANTS:
+            worker_args += ["--queue", topology.tenant_queue_name(tenant)]
+    else:
+        worker_args = ["worker", "--concurrency", str(slots)]
+    processes.append(spawn(settings, *worker_args))
+    roles.append("worker")
     await asyncio.sleep(3.0)
-    started_cpu = {role: cpu_seconds(p.pid) for role, p in processes.items()}  # not start-up
+    started_cpu = [cpu_seconds(process.pid) for process in processes]  # start-up not counted
     nonce = uuid.uuid4().hex[:6]  # attempt ids are never reused: the dispatcher drops repeats
     try:
         start = time.time()
@@ -321,11 +307,11 @@ async def run_one(settings: Settings, scenario: Scenario, strategy: str, setup: 
         )
         await asyncio.wait_for(done.wait(), 600)
         run.process_cpu = {
-            role: cpu_seconds(process.pid) - started_cpu[role]
-            for role, process in processes.items()
+            role: cpu_seconds(process.pid) - before
+            for role, process, before in zip(roles, processes, started_cpu, strict=True)
         }
     finally:
-        stop_all(list(processes.values()))
+        stop_all(processes)
         await connection.close()
         await redis.aclose()
     if any(a.step == "demo.cpu" for a in scenario.arrivals):
@@ -401,7 +387,7 @@ def measure(scenario: Scenario, run: Run, start: float) -> Figures:
 
 
 def median_run(
-    settings: Settings, scenario: Scenario, strategy: str, setup: Setup, repeat: int
+    settings: Settings, scenario: Scenario, strategy: str, slots: int, repeat: int
 ) -> dict[str, float]:
     """Each figure is the median over `repeat` runs (the machines are shared and noisy), but
     the dwell percentiles are taken over the samples of all runs pooled: one run has 60
@@ -409,7 +395,7 @@ def median_run(
     runs = []
     for attempt in range(repeat):
         print(f"{scenario.name}: {strategy} ({attempt + 1}/{repeat}) ...", file=sys.stderr)
-        runs.append(asyncio.run(run_one(settings, scenario, strategy, setup)))
+        runs.append(asyncio.run(run_one(settings, scenario, strategy, slots)))
     pooled = [sample for run in runs for sample in run.dwell]
     medians = {key: statistics.median(run.figures[key] for run in runs) for key in runs[0].figures}
     return {
@@ -425,20 +411,13 @@ def main() -> None:
     parser.add_argument("--scenarios", default=",".join(scenarios()))
     parser.add_argument("--strategies", default="fifo,rr,fair")
     parser.add_argument("--repeat", type=int, default=1, help="runs per cell; medians are shown")
-    parser.add_argument(
-        "--dispatcher-nice",
-        type=int,
-        default=0,
-        help="CPU priority of the dispatcher; 19 emulates a dispatcher on CPU of its own",
-    )
     args = parser.parse_args()
     chosen = [scenarios()[name] for name in args.scenarios.split(",")]
-    setup = Setup(args.slots, args.dispatcher_nice)
     rows = []
     with isolated_settings("fairness") as settings:
         for scenario in chosen:
             figures = {
-                strategy: median_run(settings, scenario, strategy, setup, args.repeat)
+                strategy: median_run(settings, scenario, strategy, args.slots, args.repeat)
                 for strategy in args.strategies.split(",")
             }
             fifo = figures.get("fifo")
@@ -461,8 +440,7 @@ def main() -> None:
                     ]
                 )
     print_table(
-        f"fairness ({args.slots} worker slots, dispatcher nice {args.dispatcher_nice}, "
-        f"{args.repeat} runs per cell: medians, dwell "
+        f"fairness ({args.slots} worker slots, {args.repeat} runs per cell: medians, dwell "
         "percentiles over all runs' samples; dwell = enqueue -> start of quiet tenants' steps)",
         [
             "scenario",
