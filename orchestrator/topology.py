@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from aio_pika.abc import AbstractChannel, AbstractQueue, ExchangeType
 
@@ -59,7 +59,7 @@ class Queue:
     max_length: int | None = None
     single_active_consumer: bool = False
     dead_letter: bool = True  # False for the DLQs themselves and for soft state
-    overflow: str = "reject-publish"  # at max_length: refuse the publish, or "drop-head"
+    overflow: Literal["reject-publish", "drop-head"] = "reject-publish"  # at max_length
     message_ttl_ms: int | None = None
 
     def __post_init__(self) -> None:
