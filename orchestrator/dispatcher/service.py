@@ -232,8 +232,11 @@ class Dispatcher:
 
     async def _become_leader(self) -> None:
         log.info("dispatcher.leading", id=self.id)
-        self.leader = True
+        # `leader` only once the channel is open: the refresh task acts on `leader` and needs
+        # the channel, and opening it can take a while on a loaded host (a refresh that came
+        # in between used to kill a freshly taken-over dispatcher).
         self._channel = await open_channel(self.connection, prefetch=HEAD_BUFFER)
+        self.leader = True
         completions = await self._channel.get_queue(topology.COMPLETIONS_QUEUE)
         self._consumers.append((completions, await completions.consume(self._on_completion)))
         await self._refresh()
@@ -261,7 +264,8 @@ class Dispatcher:
 
     async def _refresh_once(self) -> None:
         channel = self._channel
-        assert channel is not None
+        if channel is None:
+            return  # stepped down meanwhile
         tenants = await self.tenants.tenants()
         for tenant in tenants:
             if tenant not in self._consumed:

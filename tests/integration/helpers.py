@@ -56,6 +56,15 @@ async def status_feed(channel: AbstractChannel, pattern: str = "#") -> AbstractQ
     return queue
 
 
+async def depths(channel: AbstractChannel, names: list[str]) -> dict[str, int]:
+    """Messages ready in each queue (passive declares): where steps a test misses are."""
+    counts = {}
+    for name in names:
+        declared = await channel.declare_queue(name, passive=True)
+        counts[name] = declared.declaration_result.message_count or 0
+    return counts
+
+
 def body(message: AbstractIncomingMessage) -> dict[str, Any]:
     decoded: dict[str, Any] = json.loads(message.body)
     return decoded

@@ -22,7 +22,14 @@ from orchestrator.config import Settings
 from orchestrator.dispatcher.service import Dispatcher
 from orchestrator.store.tenants import TenantStore
 from schemas import QuarantineCommand, ReleaseCommand, StepTask
-from tests.integration.helpers import body, drain, fresh_settings, purged, reset_queues
+from tests.integration.helpers import (
+    body,
+    depths,
+    drain,
+    fresh_settings,
+    purged,
+    reset_queues,
+)
 from tests.integration.processes import spawn, stop_all
 from workers import Worker
 from workers import builtin as _builtin  # noqa: F401 - registers demo.* steps
@@ -102,6 +109,46 @@ async def rig(
         await purged(channel, topology.tenant_queue_name(tenant))
     async for key in redis.scan_iter(match=f"{test_settings.redis_prefix}*"):
         await redis.delete(key)
+    await redis.aclose()
+
+
+class SlowChannels:
+    """A real connection whose channels take `delay_s` to open, as on a loaded host."""
+
+    def __init__(self, connection: AbstractRobustConnection, delay_s: float) -> None:
+        self._connection = connection
+        self._delay_s = delay_s
+
+    async def channel(self, *args: Any, **kwargs: Any) -> AbstractChannel:
+        await asyncio.sleep(self._delay_s)
+        return await self._connection.channel(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._connection, name)
+
+
+async def test_taking_the_lead_survives_a_slow_channel_open(
+    settings: Settings, amqp: AbstractRobustConnection, channel: AbstractChannel
+) -> None:
+    """The periodic refresh (every 0.5 s) must not act on a leadership whose channel is still
+    opening: it used to, and the new leader died of it right after a takeover."""
+    test_settings, redis, rig = await _prepare(settings, channel)
+    stop = asyncio.Event()
+    slow: Any = SlowChannels(amqp, delay_s=1.2)
+    dispatcher = Dispatcher(test_settings, redis, slow)
+    async with Worker(test_settings, amqp, redis, concurrency=2) as worker:
+        tasks = [
+            asyncio.create_task(worker.run(stop)),
+            asyncio.create_task(dispatcher.run(stop)),
+        ]
+        try:
+            await asyncio.sleep(4.0)  # two slow opens, several refresh ticks
+            assert dispatcher.leader
+            await rig.enqueue("ta", 5, ms=5)
+            assert len(await rig.completions(5, wait_s=20)) == 5
+        finally:
+            stop.set()
+            await asyncio.gather(*tasks)
     await redis.aclose()
 
 
@@ -195,11 +242,20 @@ async def test_killed_active_dispatcher_loses_nothing(
     settings: Settings, channel: AbstractChannel
 ) -> None:
     test_settings, redis, rig = await _prepare(settings, channel)
+    tenants = ("ta", "tb", "tc")
+    queues = [
+        *(topology.tenant_queue_name(t) for t in tenants),
+        *(topology.tenant_queue(t).dlq for t in tenants),
+        topology.work_queue_name(topology.DEFAULT_POOL),
+        topology.express_queue_name(topology.DEFAULT_POOL),
+    ]
+    for name in queues:
+        await purged(channel, name)
     dispatchers = [spawn(test_settings, "dispatcher") for _ in range(2)]
     worker = spawn(test_settings, "worker", "--concurrency", "4")
     try:
         await asyncio.sleep(2.5)
-        for tenant in ("ta", "tb", "tc"):
+        for tenant in tenants:
             await rig.enqueue(tenant, 100, ms=10)
         await asyncio.sleep(1.0)
         leader = str(await redis.get(f"{test_settings.redis_prefix}dispatcher:leader"))
@@ -212,7 +268,11 @@ async def test_killed_active_dispatcher_loses_nothing(
         while len(seen) < 300 and loop.time() < deadline:
             for message in await drain(rig.results, settle_s=0.2):
                 seen[body(message)["task_id"]] += 1
-        assert len(seen) == 300, f"{300 - len(seen)} steps lost"
+        missing = Counter(
+            task_id.split("-")[0]
+            for task_id in {f"{t}-{i}:s:1" for t in tenants for i in range(100)} - set(seen)
+        )
+        assert not missing, f"not done: {dict(missing)}; ready: {await depths(channel, queues)}"
     finally:
         stop_all([*dispatchers, worker])
         for tenant in TENANTS:
