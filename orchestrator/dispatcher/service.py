@@ -65,6 +65,7 @@ REFRESH_S = 0.5
 # copy can only come back to a new leader if the old one died in between: it comes back as soon
 # as the broker notices the dead connection (at worst a few heartbeat intervals).
 DISPATCHED_MEMORY_S = 600
+RELEASED_MEMORY = 100_000  # attempt ids this process released, remembered locally (bounded)
 EWMA_ALPHA = 0.2
 DEFAULT_COST_S = 0.1
 IN_FLIGHT_GRACE = timedelta(seconds=30)
@@ -150,6 +151,9 @@ class Dispatcher:
         self._channel: AbstractChannel | None = None
         self._control: AbstractChannel | None = None
         self._releases: set[asyncio.Task[None]] = set()
+        self._unchecked: list[Held] = []  # delivered, not yet checked against the markers
+        self._checking: asyncio.Task[None] | None = None
+        self._released_ids: dict[str, float] = {}  # attempt id -> released at (monotonic)
         self._refilling = False
         self._failure: BaseException | None = None
         self._refreshing = asyncio.Lock()
@@ -238,7 +242,11 @@ class Dispatcher:
         self._channel = await open_channel(self.connection, prefetch=HEAD_BUFFER)
         self.leader = True
         completions = await self._channel.get_queue(topology.COMPLETIONS_QUEUE)
-        self._consumers.append((completions, await completions.consume(self._on_completion)))
+        # Without acks: a completion only corrects the accounting of this leader's in-flight
+        # steps, which a new leader does not inherit anyway (and `_expire_in_flight` forgets a
+        # completion that never came). Saves an ack per step on both ends.
+        tag = await completions.consume(self._on_completion, no_ack=True)
+        self._consumers.append((completions, tag))
         await self._refresh()
 
     async def _step_down(self) -> None:
@@ -246,6 +254,9 @@ class Dispatcher:
         log.warning("dispatcher.standing_down", id=self.id)
         self.leader = False
         await self._settle_releases()
+        if self._checking is not None:
+            self._checking.cancel()
+        self._unchecked.clear()
         channel, self._channel = self._channel, None
         self._consumers.clear()
         self._consumed.clear()
@@ -295,6 +306,15 @@ class Dispatcher:
         self.slots_per_cpu = threads / cpus if cpus else 1.0
         self.window = self._window(capacity)
         self._expire_in_flight()
+        self._forget_released()
+
+    def _forget_released(self) -> None:
+        """Keeps the local memory of released attempt ids as long as the Redis markers, and
+        bounded (oldest first: the dict is in release order)."""
+        horizon = time.monotonic() - DISPATCHED_MEMORY_S
+        ids = self._released_ids
+        while ids and (len(ids) > RELEASED_MEMORY or next(iter(ids.values())) < horizon):
+            del ids[next(iter(ids))]
 
     def _window(self, capacity: int) -> int:
         """Live slots plus headroom: steps that wait in the work queue so a freed slot does
@@ -341,24 +361,64 @@ class Dispatcher:
             assert self._channel is not None
             await reject_invalid(self._channel, incoming, queue, exc)
             return
-        if await self.redis.exists(self._dispatched_key(task.task_id)):
-            await incoming.ack()  # already released before a takeover
+        if task.task_id in self._released_ids:
+            await incoming.ack()  # a copy of a step this process released (the engine's repeat)
             return
-        key = (task.tenant, task.flow_id)
-        if key not in self.max_parallel:
-            definition = await self.flows.get(task.tenant, task.flow_id)
-            self.max_parallel[key] = definition.max_parallel if definition else 1_000
-        self.queue.push(
-            Item(task.task_id, task.tenant, task.flow_id, DEFAULT_COST_S, Held(task, incoming))
-        )
-        self._wake.set()
+        held = Held(task, incoming)
+        if incoming.redelivered or (task.tenant, task.flow_id) not in self.max_parallel:
+            self._unchecked.append(held)
+            if self._checking is None or self._checking.done():
+                self._checking = asyncio.create_task(self._check(self._channel))
+                self._checking.add_done_callback(self._checked)
+        elif not self._unchecked:  # else behind those, to keep the order of arrival
+            self._push(held)
+            self._wake.set()
+        else:
+            self._unchecked.append(held)
+
+    def _push(self, held: Held) -> None:
+        task = held.task
+        self.queue.push(Item(task.task_id, task.tenant, task.flow_id, DEFAULT_COST_S, held))
+
+    async def _check(self, channel: AbstractChannel | None) -> None:
+        """Queues redelivered steps, minus copies a leader already released: a takeover
+        redelivers what the old leader had not acked yet (one Redis round trip for every such
+        delivery that arrived meanwhile). Also learns the flow's `max_parallel` the first time."""
+        while self._unchecked:
+            batch, self._unchecked = self._unchecked, []
+            checked = [h for h in batch if h.incoming.redelivered]
+            markers = (
+                await self.redis.mget([self._dispatched_key(h.task.task_id) for h in checked])
+                if checked
+                else []
+            )
+            released = {
+                h.task.task_id for h, marker in zip(checked, markers, strict=True) if marker
+            }
+            for held in batch:
+                key = (held.task.tenant, held.task.flow_id)
+                if key not in self.max_parallel:
+                    definition = await self.flows.get(*key)
+                    self.max_parallel[key] = definition.max_parallel if definition else 1_000
+            if self._channel is not channel:
+                return  # stepped down meanwhile: these went back to their queues
+            for held in batch:
+                if held.task.task_id in released:
+                    await held.incoming.ack()  # already released
+                else:
+                    self._push(held)
+            self._wake.set()
+
+    def _checked(self, check: asyncio.Task[None]) -> None:
+        if not check.cancelled() and check.exception() is not None:
+            self._failure = check.exception()  # Redis is gone: end, a restart starts clean
+            self._wake.set()
 
     async def _on_completion(self, incoming: AbstractIncomingMessage) -> None:
         try:
             result = decode(incoming, StepResult)
         except InvalidMessage:
-            await incoming.ack()  # the engine's copy of the same message is dead-lettered
-            return
+            return  # the engine's copy of the same message is dead-lettered
         entry = self.in_flight.get(result.task_id)
         item = self._forget(result.task_id)
         if item is not None and entry is not None:
@@ -374,7 +434,6 @@ class Dispatcher:
                 self.estimates[key] = (1 - EWMA_ALPHA) * previous + EWMA_ALPHA * cost
             self.queue.complete(item, cost)
             COST_SERVED.labels(item.tenant).inc(cost)
-        await incoming.ack()
         self._wake.set()
 
     async def _on_control(self, incoming: AbstractIncomingMessage) -> None:
@@ -502,6 +561,9 @@ class Dispatcher:
                 for item in released:
                     pipe.set(self._dispatched_key(item.key), "1", ex=DISPATCHED_MEMORY_S)
                 await pipe.execute()
+            stamp = time.monotonic()
+            for item in released:
+                self._released_ids[item.key] = stamp
         now = self.clock.now()
         for (item, express), outcome in zip(batch, outcomes, strict=True):
             if outcome is not None:
