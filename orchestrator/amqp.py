@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import aio_pika
+import aiormq
 from aio_pika.abc import (
     AbstractChannel,
     AbstractIncomingMessage,
@@ -91,14 +92,24 @@ async def publish(
     headers: dict[str, Any] | None = None,
     user_id: str | None = None,
 ) -> None:
-    """Publishes along the message's route (topology.ROUTES) and waits for the confirm."""
+    """Publishes along the message's route (topology.ROUTES) and waits for the confirm.
+
+    Straight on aio-pika's underlying aiormq channel, which `Exchange.publish` also ends in,
+    but without waiting for the socket write to drain first: that wait holds the channel's
+    publish lock, so concurrent publishes went out one drain at a time. The confirm (a nack
+    raises DeliveryError, an unroutable mandatory message PublishError) is still awaited."""
     default_exchange, default_key, mandatory = topology.route(message)
-    target = await channel.get_exchange(exchange or default_exchange, ensure=False)
-    await target.publish(
-        to_amqp(message, headers=headers, user_id=user_id),
+    amqp_message = to_amqp(message, headers=headers, user_id=user_id)
+    # The concrete aiormq channel: its abstract type does not declare `wait`.
+    underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
+    await underlay.basic_publish(
+        amqp_message.body,
+        exchange=exchange if exchange is not None else default_exchange,
         routing_key=routing_key if routing_key is not None else default_key,
+        properties=amqp_message.properties,
         mandatory=mandatory,
         timeout=PUBLISH_TIMEOUT_S,
+        wait=False,
     )
 
 
