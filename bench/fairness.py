@@ -12,16 +12,22 @@ fresh `orchestrator dispatcher`). Steps are `demo.sleep` (cost = slot time), exc
 heavy-cpu (`demo.cpu`, shares also in CPU seconds). Printed per scenario and strategy:
 quiet-tenant dwell (enqueue -> start) p50/p99, worst served-share/weight and Jain's index of
 weight-normalised service (over the period when every tenant was backlogged), makespan and
-throughput, and the ratios to FIFO. With --repeat N each figure is the median of N runs,
-except the dwell percentiles, which are over all N runs' samples.
+throughput, and the ratios to FIFO; and what the run cost the host: CPU per step of the worker,
+the dispatcher and the broker, the time per step the worker waited for a core (runnable, not
+running: what the other processes took from it), and how busy the host's cores were. With
+--repeat N each figure is the median of N runs, except the dwell percentiles, which are over
+all N runs' samples.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import glob
 import os
 import statistics
+import subprocess
 import sys
 import time
 import uuid
@@ -32,7 +38,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer
 
-from bench.common import isolated_settings, percentile, print_table
+from bench.common import isolated_settings, percentile, print_table, process_cpu_s
 from orchestrator import store, topology
 from orchestrator.amqp import connect, open_channel, publish
 from orchestrator.config import Settings
@@ -161,16 +167,61 @@ class Run:
     results: list[StepResult] = field(default_factory=list)
     cpu: dict[str, float] = field(default_factory=dict)  # id -> CPU seconds (usage events)
     process_cpu: dict[str, float] = field(default_factory=dict)  # role -> CPU seconds
+    host_busy: float = float("nan")  # share of all cores' time busy during the run
 
 
-def cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int | None) -> float:
     """A process's CPU time so far (user + system), from /proc; NaN where there is none."""
     try:
-        with open(f"/proc/{pid}/stat") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
+        return float("nan") if pid is None else process_cpu_s(pid)
     except OSError:
         return float("nan")
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def broker_pid() -> int | None:
+    """The local RabbitMQ node's Erlang VM, if it runs on this host (it does under
+    scripts/infra): its CPU per step is the price of the dispatcher's extra hop."""
+    found = subprocess.run(
+        ["pgrep", "-f", "beam.smp.*rabbit"], capture_output=True, text=True, check=False
+    ).stdout.split()
+    return int(found[0]) if found else None
+
+
+def run_queue_wait(pid: int | None) -> float:
+    """Seconds a process's threads spent runnable but waiting for a core (schedstat): how much
+    the other processes on the host held it back."""
+    total = 0
+    for path in glob.glob(f"/proc/{pid}/task/*/schedstat") if pid is not None else []:
+        with contextlib.suppress(OSError), open(path) as stat:
+            total += int(stat.read().split()[1])
+    return total / 1e9 if pid is not None else float("nan")
+
+
+def host_busy() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole host so far, over all cores, from /proc/stat."""
+    with open("/proc/stat") as stat:
+        ticks = [int(x) for x in stat.readline().split()[1:]]
+    idle = ticks[3] + ticks[4]  # idle + iowait
+    hz = os.sysconf("SC_CLK_TCK")
+    return (sum(ticks) - idle) / hz, sum(ticks) / hz
+
+
+class CpuMeter:
+    """CPU seconds spent since it was made (start-up not counted) by each role's process and
+    the broker, and the share of the host's cores that were busy."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = {**pids, "broker": broker_pid()}
+        self.started = {role: cpu_seconds(pid) for role, pid in self.pids.items()}
+        self.host = host_busy()
+        self.waited = {role: run_queue_wait(pid) for role, pid in self.pids.items()}
+
+    def read(self) -> tuple[dict[str, float], float]:
+        spent = {role: cpu_seconds(pid) - self.started[role] for role, pid in self.pids.items()}
+        for role, pid in self.pids.items():
+            spent[f"{role}_wait"] = run_queue_wait(pid) - self.waited[role]
+        busy, total = host_busy()
+        return spent, (busy - self.host[0]) / (total - self.host[1])
 
 
 async def publish_tenant(
@@ -287,7 +338,7 @@ async def run_one(settings: Settings, scenario: Scenario, strategy: str, slots: 
     processes.append(spawn(settings, *worker_args))
     roles.append("worker")
     await asyncio.sleep(3.0)
-    started_cpu = [cpu_seconds(process.pid) for process in processes]  # start-up not counted
+    meter = CpuMeter(dict(zip(roles, (p.pid for p in processes), strict=True)))
     nonce = uuid.uuid4().hex[:6]  # attempt ids are never reused: the dispatcher drops repeats
     try:
         start = time.time()
@@ -306,10 +357,7 @@ async def run_one(settings: Settings, scenario: Scenario, strategy: str, slots: 
             )
         )
         await asyncio.wait_for(done.wait(), 600)
-        run.process_cpu = {
-            role: cpu_seconds(process.pid) - before
-            for role, process, before in zip(roles, processes, started_cpu, strict=True)
-        }
+        run.process_cpu, run.host_busy = meter.read()
     finally:
         stop_all(processes)
         await connection.close()
@@ -382,6 +430,11 @@ def measure(scenario: Scenario, run: Run, start: float) -> Figures:
             "dispatcher_ms": (
                 run.process_cpu.get("dispatcher", float("nan")) * 1000 / len(run.results)
             ),
+            "broker_ms": run.process_cpu.get("broker", float("nan")) * 1000 / len(run.results),
+            "worker_wait_ms": (
+                run.process_cpu.get("worker_wait", float("nan")) * 1000 / len(run.results)
+            ),
+            "host_busy": run.host_busy * 100,
         },
     )
 
@@ -437,6 +490,9 @@ def main() -> None:
                         f"{m['throughput'] / fifo['throughput']:.2f}" if fifo else "-",
                         f"{m['worker_ms']:.1f}",
                         f"{m['dispatcher_ms']:.1f}" if strategy == "fair" else "-",
+                        f"{m['broker_ms']:.1f}",
+                        f"{m['worker_wait_ms']:.1f}",
+                        f"{m['host_busy']:.0f}",
                     ]
                 )
     print_table(
@@ -456,6 +512,9 @@ def main() -> None:
             "steps/s / FIFO",
             "worker CPU ms/step",
             "dispatcher CPU ms/step",
+            "broker CPU ms/step",
+            "worker waited for CPU ms/step",
+            "host CPU busy %",
         ],
         rows,
     )
