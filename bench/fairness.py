@@ -15,8 +15,9 @@ weight-normalised service (over the period when every tenant was backlogged), ma
 throughput, and the ratios to FIFO; and what the run cost the host: CPU per step of the worker,
 the dispatcher and the broker, the time per step the worker waited for a core (runnable, not
 running: what the other processes took from it), and how busy the host's cores were. With
---repeat N each figure is the median of N runs, except the dwell percentiles, which are over
-all N runs' samples.
+--repeat N the strategies take turns and each figure is the median of N runs (the ratios to
+FIFO: of each run's ratio to the FIFO run of its turn), except the dwell percentiles, which
+are over all N runs' samples.
 """
 
 from __future__ import annotations
@@ -439,23 +440,34 @@ def measure(scenario: Scenario, run: Run, start: float) -> Figures:
     )
 
 
-def median_run(
-    settings: Settings, scenario: Scenario, strategy: str, slots: int, repeat: int
-) -> dict[str, float]:
-    """Each figure is the median over `repeat` runs (the machines are shared and noisy), but
-    the dwell percentiles are taken over the samples of all runs pooled: one run has 60
-    quiet steps, so its own "p99" is its slowest step, whatever stalled the host then."""
-    runs = []
+def median_runs(
+    settings: Settings, scenario: Scenario, strategies: list[str], slots: int, repeat: int
+) -> dict[str, dict[str, float]]:
+    """Per strategy, each figure is the median over `repeat` runs (the machines are shared and
+    noisy), but the dwell percentiles are taken over the samples of all runs pooled: one run
+    has 60 quiet steps, so its own "p99" is its slowest step, whatever stalled the host then.
+    The strategies take turns (fifo, rr, fair, fifo, ...), so a slow spell of the host weighs
+    on all of them rather than on whichever ran through it."""
+    runs: dict[str, list[Figures]] = {strategy: [] for strategy in strategies}
     for attempt in range(repeat):
-        print(f"{scenario.name}: {strategy} ({attempt + 1}/{repeat}) ...", file=sys.stderr)
-        runs.append(asyncio.run(run_one(settings, scenario, strategy, slots)))
-    pooled = [sample for run in runs for sample in run.dwell]
-    medians = {key: statistics.median(run.figures[key] for run in runs) for key in runs[0].figures}
-    return {
-        "dwell_p50": percentile(pooled, 50) * 1000,
-        "dwell_p99": percentile(pooled, 99) * 1000,
-        **medians,
-    }
+        for strategy in strategies:
+            print(f"{scenario.name}: {strategy} ({attempt + 1}/{repeat}) ...", file=sys.stderr)
+            runs[strategy].append(asyncio.run(run_one(settings, scenario, strategy, slots)))
+    summary = {}
+    for strategy, done in runs.items():
+        pooled = [sample for run in done for sample in run.dwell]
+        summary[strategy] = {
+            "dwell_p50": percentile(pooled, 50) * 1000,
+            "dwell_p99": percentile(pooled, 99) * 1000,
+            **{key: statistics.median(run.figures[key] for run in done) for key in done[0].figures},
+        }
+        if "fifo" in runs:  # paired: each run against the FIFO run of the same turn
+            for key in ("makespan", "throughput"):
+                summary[strategy][f"{key}_vs_fifo"] = statistics.median(
+                    run.figures[key] / fifo.figures[key]
+                    for run, fifo in zip(done, runs["fifo"], strict=True)
+                )
+    return summary
 
 
 def main() -> None:
@@ -469,10 +481,9 @@ def main() -> None:
     rows = []
     with isolated_settings("fairness") as settings:
         for scenario in chosen:
-            figures = {
-                strategy: median_run(settings, scenario, strategy, args.slots, args.repeat)
-                for strategy in args.strategies.split(",")
-            }
+            figures = median_runs(
+                settings, scenario, args.strategies.split(","), args.slots, args.repeat
+            )
             fifo = figures.get("fifo")
             for strategy, m in figures.items():
                 rows.append(
@@ -486,8 +497,8 @@ def main() -> None:
                         f"{m['jain']:.3f}",
                         f"{m['makespan']:.2f}",
                         f"{m['throughput']:.0f}",
-                        f"{m['makespan'] / fifo['makespan']:.2f}" if fifo else "-",
-                        f"{m['throughput'] / fifo['throughput']:.2f}" if fifo else "-",
+                        f"{m['makespan_vs_fifo']:.2f}" if fifo else "-",
+                        f"{m['throughput_vs_fifo']:.2f}" if fifo else "-",
                         f"{m['worker_ms']:.1f}",
                         f"{m['dispatcher_ms']:.1f}" if strategy == "fair" else "-",
                         f"{m['broker_ms']:.1f}",
