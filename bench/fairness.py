@@ -127,6 +127,18 @@ def scenarios() -> dict[str, Scenario]:
             ("b", "c"),
             ("a",),
         ),
+        # 100x by rate: the noisy tenant publishes 200 steps/s of 30 ms for 6 s (1.5x what
+        # the slots can run, so its backlog grows throughout) while each quiet tenant
+        # publishes 2/s. The host's CPU is not the bottleneck here (that is noisy-flood).
+        "noisy-100x": Scenario(
+            "noisy, 100x rate",
+            even,
+            trickle("a", 0.005, 6.1, 30, start_s=0.1)
+            + trickle("b", 0.5, 6.1, 20, start_s=0.1)
+            + trickle("c", 0.5, 6.1, 20, start_s=0.35),
+            ("b", "c"),
+            ("a",),
+        ),
         "quiet-alone": Scenario("quiet, no noise", even, quiet_pair(), ("b", "c"), ()),
         "sybil": Scenario(
             "sybil (30 flows)",
