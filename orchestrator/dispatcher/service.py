@@ -242,7 +242,11 @@ class Dispatcher:
     def _on_kick(self) -> None:
         self._kicked = False
         if self.leader:
-            self._dispatch()
+            try:
+                self._dispatch()
+            except Exception as exc:  # a bug: end the process, as in the main loop
+                self._failure = exc
+                self._wake.set()
 
     def _holding(self) -> bool:
         # A safety margin: stop releasing before the lease could have passed to a standby.
