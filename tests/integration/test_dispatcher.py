@@ -149,6 +149,8 @@ async def test_taking_the_lead_survives_a_slow_channel_open(
         finally:
             stop.set()
             await asyncio.gather(*tasks)
+    async for key in redis.scan_iter(match=f"{test_settings.redis_prefix}*"):
+        await redis.delete(key)
     await redis.aclose()
 
 
