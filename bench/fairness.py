@@ -180,6 +180,7 @@ class Run:
     results: list[StepResult] = field(default_factory=list)
     cpu: dict[str, float] = field(default_factory=dict)  # id -> CPU seconds (usage events)
     process_cpu: dict[str, float] = field(default_factory=dict)  # role -> CPU seconds
+    process_wait: dict[str, float] = field(default_factory=dict)  # role -> run-queue seconds
     host_busy: float = float("nan")  # share of all cores' time busy during the run
 
 
@@ -203,11 +204,13 @@ def broker_pid() -> int | None:
 def run_queue_wait(pid: int | None) -> float:
     """Seconds a process's threads spent runnable but waiting for a core (schedstat): how much
     the other processes on the host held it back."""
+    if pid is None:
+        return float("nan")
     total = 0
-    for path in glob.glob(f"/proc/{pid}/task/*/schedstat") if pid is not None else []:
-        with contextlib.suppress(OSError), open(path) as stat:
+    for path in glob.glob(f"/proc/{pid}/task/*/schedstat"):
+        with contextlib.suppress(OSError), open(path) as stat:  # a thread may end meanwhile
             total += int(stat.read().split()[1])
-    return total / 1e9 if pid is not None else float("nan")
+    return total / 1e9
 
 
 def host_busy() -> tuple[float, float]:
@@ -229,12 +232,13 @@ class CpuMeter:
         self.host = host_busy()
         self.waited = {role: run_queue_wait(pid) for role, pid in self.pids.items()}
 
-    def read(self) -> tuple[dict[str, float], float]:
-        spent = {role: cpu_seconds(pid) - self.started[role] for role, pid in self.pids.items()}
+    def read(self, run: Run) -> None:
+        """Fills in `run`'s CPU, run-queue wait and host figures for the time since start."""
         for role, pid in self.pids.items():
-            spent[f"{role}_wait"] = run_queue_wait(pid) - self.waited[role]
+            run.process_cpu[role] = cpu_seconds(pid) - self.started[role]
+            run.process_wait[role] = run_queue_wait(pid) - self.waited[role]
         busy, total = host_busy()
-        return spent, (busy - self.host[0]) / (total - self.host[1])
+        run.host_busy = (busy - self.host[0]) / (total - self.host[1])
 
 
 async def publish_tenant(
@@ -370,7 +374,7 @@ async def run_one(settings: Settings, scenario: Scenario, strategy: str, slots: 
             )
         )
         await asyncio.wait_for(done.wait(), 600)
-        run.process_cpu, run.host_busy = meter.read()
+        meter.read(run)
     finally:
         stop_all(processes)
         await connection.close()
@@ -445,7 +449,7 @@ def measure(scenario: Scenario, run: Run, start: float) -> Figures:
             ),
             "broker_ms": run.process_cpu.get("broker", float("nan")) * 1000 / len(run.results),
             "worker_wait_ms": (
-                run.process_cpu.get("worker_wait", float("nan")) * 1000 / len(run.results)
+                run.process_wait.get("worker", float("nan")) * 1000 / len(run.results)
             ),
             "host_busy": run.host_busy * 100,
         },
