@@ -7,7 +7,8 @@ returns can never lose a message.
 
 from __future__ import annotations
 
-import uuid
+import hashlib
+import re
 from datetime import UTC, datetime
 from typing import Any, TypeVar, cast
 
@@ -21,9 +22,13 @@ from aio_pika.abc import (
 )
 from pydantic import ValidationError
 
-from orchestrator import topology
+from orchestrator import frames, topology
 from orchestrator.config import Settings
+from orchestrator.frames import BAD_PROPERTIES_HEADER
 from schemas import Message, StatusEvent
+from schemas.common import SLUG_PATTERN
+
+frames.install()  # before any connection: a bad property must never cost one
 
 M = TypeVar("M", bound=Message)
 
@@ -40,15 +45,24 @@ CONTENT_TYPE = "application/json"
 # better to fail the publish and redeliver the input than to hang a consumer forever.
 PUBLISH_TIMEOUT_S = 30.0
 MAX_DETAIL_CHARS = 1000
+# No contract allows more (payloads are bounded at 256 KiB); refused before parsing.
+MAX_BODY_BYTES = 1024 * 1024
+_MESSAGE_ID = re.compile(r"[\x21-\x7e]{1,256}")
+_TENANT = re.compile(SLUG_PATTERN)
 
 
 class InvalidMessage(Exception):
     """A message that can never be processed: it goes to the DLQ with `reason` and `detail`."""
 
-    def __init__(self, reason: str, detail: str) -> None:
+    def __init__(
+        self, reason: str, detail: str, *, tenant: str | None = None, flow: str | None = None
+    ) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+        # Where the rejection is announced, when the handler knows (checked ids only).
+        self.tenant = tenant
+        self.flow = flow
 
 
 async def connect(settings: Settings, name: str) -> AbstractRobustConnection:
@@ -114,19 +128,70 @@ async def publish(
 
 
 def decode(incoming: AbstractIncomingMessage, model: type[M]) -> M:
-    """Validates a delivery against its contract or raises InvalidMessage saying why."""
+    """Validates a delivery against its contract or raises InvalidMessage saying why.
+
+    Exactly the published JSON Schema: no coercion (`"attempt": "1"` and Unix numbers for
+    date-times are refused; `strict`), no NaN or Infinity anywhere (the models refuse them)."""
+    check_properties(incoming)
     if incoming.content_type not in (None, CONTENT_TYPE):
-        raise InvalidMessage("bad_content_type", f"content type {incoming.content_type!r}")
+        raise InvalidMessage("bad_content_type", f"content type {safe_text(incoming.content_type)}")
     if incoming.type not in (None, model.message_type):
         raise InvalidMessage(
-            "wrong_message_type", f"expected {model.message_type!r}, got {incoming.type!r}"
+            "wrong_message_type",
+            f"expected {model.message_type!r}, got {safe_text(incoming.type)}",
         )
     try:
-        return model.model_validate_json(incoming.body)
+        return model.model_validate_json(incoming.body, strict=True)
     except ValidationError as exc:
         json_invalid = any(error["type"] == "json_invalid" for error in exc.errors())
         return_reason = "malformed_json" if json_invalid else "schema_violation"
         raise InvalidMessage(return_reason, _summarise(exc)) from None
+
+
+def decode_any(incoming: AbstractIncomingMessage, models: tuple[type[M], ...]) -> M:
+    """For a queue that carries several message types, told apart by the AMQP `type`."""
+    for model in models:
+        if incoming.type == model.message_type:
+            return decode(incoming, model)
+    if incoming.type is None:
+        errors = []
+        for model in models:
+            try:
+                return decode(incoming, model)
+            except InvalidMessage as exc:
+                errors.append(f"as {model.message_type}: {exc.detail}")
+        raise InvalidMessage("schema_violation", "; ".join(errors)[:MAX_DETAIL_CHARS])
+    expected = ", ".join(model.message_type for model in models)
+    raise InvalidMessage(
+        "wrong_message_type", f"expected one of {expected}, got {safe_text(incoming.type)}"
+    )
+
+
+def check_properties(incoming: AbstractIncomingMessage) -> None:
+    """Refuses what no contract can accept, before parsing: properties the frame reader could
+    not decode (orchestrator.frames), and bodies over the size any message may have."""
+    headers = incoming.headers or {}
+    bad = headers.get(BAD_PROPERTIES_HEADER)
+    if bad is not None:
+        raise InvalidMessage(
+            "bad_properties", f"AMQP properties that cannot be decoded: {safe_text(bad)}"
+        )
+    if len(incoming.body) > MAX_BODY_BYTES:
+        raise InvalidMessage(
+            "too_large", f"body of {len(incoming.body)} bytes, the limit is {MAX_BODY_BYTES}"
+        )
+
+
+def safe_text(value: object, limit: int = 300) -> str:
+    """Any value as printable ASCII, bounded: safe in a header, a log line and a JSON event."""
+    return ascii(value)[:limit]
+
+
+def valid_id(value: object) -> str | None:
+    """`value` when it is a valid message id (what our contracts accept), else None."""
+    if isinstance(value, str) and _MESSAGE_ID.fullmatch(value):
+        return value
+    return None
 
 
 def _summarise(exc: ValidationError) -> str:
@@ -134,7 +199,7 @@ def _summarise(exc: ValidationError) -> str:
     for error in exc.errors(include_url=False, include_input=False):
         location = ".".join(str(part) for part in error["loc"]) or "<message>"
         parts.append(f"{location}: {error['msg']}")
-    return "; ".join(parts)[:MAX_DETAIL_CHARS]
+    return safe_text("; ".join(parts), MAX_DETAIL_CHARS + 2)[1:-1]
 
 
 async def dead_letter(
@@ -145,29 +210,116 @@ async def dead_letter(
     detail: str,
 ) -> None:
     """Moves a message to `<queue>.dlq` with why, then acks it. Confirm first, ack second:
-    a crash in between leaves a duplicate in the DLQ (tolerated), never a loss."""
-    headers = dict(incoming.headers or {})
-    headers.update(
-        {
-            REASON_HEADER: reason,
-            DETAIL_HEADER: detail[:MAX_DETAIL_CHARS],
-            QUEUE_HEADER: queue,
-            REJECTED_AT_HEADER: datetime.now(UTC).isoformat(),
-        }
+    a crash in between leaves a duplicate in the DLQ (tolerated), never a loss.
+
+    `queue` is the queue the message was consumed from, so a replay goes back where it was.
+    Whatever the message's own headers hold, the copy goes out: if they cannot be sent again,
+    it goes with ours only (and says so)."""
+    ours: dict[str, Any] = {
+        REASON_HEADER: safe_text(reason, 100).strip("'"),
+        DETAIL_HEADER: detail[:MAX_DETAIL_CHARS],
+        QUEUE_HEADER: queue,
+        REJECTED_AT_HEADER: datetime.now(UTC).isoformat(),
+    }
+    original = dict(incoming.headers or {})
+    try:
+        headers = {**original, **ours}
+        copy = _dead_letter_copy(incoming, headers)
+        copy.properties.marshal()  # fails here, not half-way through a publish
+    except Exception:  # a header we cannot encode again: send ours only
+        copy = _dead_letter_copy(incoming, {**ours, "orch-headers-dropped": True})
+    underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
+    await underlay.basic_publish(
+        copy.body,
+        exchange=topology.DEAD_LETTERS,
+        routing_key=queue,
+        properties=copy.properties,
+        mandatory=True,
+        timeout=PUBLISH_TIMEOUT_S,
     )
-    copy = aio_pika.Message(
+    await incoming.ack()
+
+
+def _dead_letter_copy(
+    incoming: AbstractIncomingMessage, headers: dict[str, Any]
+) -> aio_pika.Message:
+    if incoming.user_id:
+        # user_id itself is not copied: the broker checks it against *our* connection's user.
+        # As a header, an operator still sees who sent it.
+        headers = {**headers, "orch-user-id": _short(incoming.user_id)}
+    return aio_pika.Message(
         body=incoming.body,
-        content_type=incoming.content_type,
+        content_type=_short(incoming.content_type),
         delivery_mode=DeliveryMode.PERSISTENT,
-        message_id=incoming.message_id,
-        type=incoming.type,
+        message_id=_short(incoming.message_id),
+        type=_short(incoming.type),
         timestamp=incoming.timestamp,
         headers=headers,
-        # user_id is not copied: the broker checks it against *our* connection's user.
     )
-    exchange = await channel.get_exchange(topology.DEAD_LETTERS, ensure=False)
-    await exchange.publish(copy, routing_key=queue, mandatory=True, timeout=PUBLISH_TIMEOUT_S)
-    await incoming.ack()
+
+
+def _short(value: str | None) -> str | None:
+    """A string property that fits an AMQP short string (255 bytes), or None."""
+    if value is None:
+        return None
+    try:
+        return value if len(value.encode("utf-8")) <= 255 else None
+    except UnicodeEncodeError:
+        return None
+
+
+def rejection_id(queue: str, incoming: AbstractIncomingMessage) -> str:
+    """The status event id of a rejection: a hash of where it came from and what it was, so a
+    redelivered copy gets the same id, and no raw field can make the id invalid."""
+    digest = hashlib.sha256()
+    digest.update(queue.encode("utf-8", "backslashreplace"))
+    digest.update(b"\0")
+    digest.update(str(incoming.message_id).encode("utf-8", "backslashreplace"))
+    digest.update(b"\0")
+    digest.update(incoming.body)
+    return f"rejected:{digest.hexdigest()[:32]}"
+
+
+def rejection_event(
+    queue: str,
+    incoming: AbstractIncomingMessage,
+    reason: str,
+    detail: str,
+    *,
+    entity: str = "message",
+    tenant: str | None = None,
+    flow: str | None = None,
+    **extra: object,
+) -> StatusEvent:
+    """The `<entity>.rejected` event for a bad message. Cannot fail: every field is either
+    ours or checked first. Its tenant is the hint when valid, else the broker-validated user
+    when that is a tenant id, else the tenant whose queue it came from."""
+    data: dict[str, object] = {
+        "queue": queue,
+        "reason": safe_text(reason, 100).strip("'"),
+        "detail": detail[:MAX_DETAIL_CHARS],
+        **extra,
+    }
+    message_id = valid_id(incoming.message_id)
+    if message_id is not None:
+        data["message_id"] = message_id
+    elif incoming.message_id is not None:
+        data["message_id_invalid"] = safe_text(incoming.message_id)
+    candidates = [tenant, incoming.user_id]
+    if queue.startswith(topology.TENANT_QUEUE_PREFIX):
+        candidates.append(queue.removeprefix(topology.TENANT_QUEUE_PREFIX))
+    owner = next((c for c in candidates if isinstance(c, str) and _TENANT.fullmatch(c)), None)
+    if owner is None or not (isinstance(flow, str) and _TENANT.fullmatch(flow)):
+        flow = None
+    event_id = rejection_id(queue, incoming)
+    try:
+        return StatusEvent.build(
+            entity, "rejected", event_id=event_id, tenant=owner, flow=flow, data=data
+        )
+    except Exception:  # belt and braces: the bare event has only our fields
+        return StatusEvent.build(
+            "message", "rejected", event_id=event_id, data={"queue": queue, "reason": "invalid"}
+        )
 
 
 async def reject_invalid(
@@ -175,16 +327,8 @@ async def reject_invalid(
 ) -> None:
     """Bad input: a `message.rejected` status event (subscribers learn of it), then the DLQ
     with the reason (operators can inspect and replay it), then the ack. The consumer goes on."""
-    event = StatusEvent.build(
-        "message",
-        "rejected",
-        event_id=f"rejected:{incoming.message_id or uuid.uuid4().hex}",
-        data={
-            "queue": queue,
-            "reason": exc.reason,
-            "detail": exc.detail,
-            "message_id": incoming.message_id,
-        },
+    event = rejection_event(
+        queue, incoming, exc.reason, exc.detail, tenant=exc.tenant, flow=exc.flow
     )
     await publish(channel, event)
     await dead_letter(channel, incoming, queue, exc.reason, exc.detail)

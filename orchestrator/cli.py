@@ -7,7 +7,6 @@ import importlib
 import json
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from enum import IntEnum
 from pathlib import Path
@@ -19,7 +18,7 @@ from aio_pika.abc import AbstractRobustConnection
 from rich.console import Console
 from rich.table import Table
 
-from orchestrator import apidoc, kafka, store, topology
+from orchestrator import apidoc, kafka, runtime, store, topology
 from orchestrator.amqp import connect, open_channel, publish
 from orchestrator.clock import SystemClock, from_ms
 from orchestrator.config import ConfigError, Settings, load_settings
@@ -27,13 +26,13 @@ from orchestrator.dispatcher.service import Dispatcher
 from orchestrator.engine.service import Engine
 from orchestrator.flowfiles import FlowFileError, load_flow_files
 from orchestrator.health import check_all
-from orchestrator.runtime import run_until_signalled
+from orchestrator.runtime import Body
 from orchestrator.scheduler.service import Scheduler
 from orchestrator.store.admission import AdmissionStore
 from orchestrator.store.flows import FlowRegistry
 from orchestrator.store.tenants import TenantStore
 from orchestrator.store.workers import live_workers
-from orchestrator.telemetry import configure_logging, start_metrics_server
+from orchestrator.telemetry import configure_logging
 from orchestrator.violations.policy import PolicyError, load_policy
 from orchestrator.violations.service import ViolationsConsumer
 from schemas import FlowStartRequested, PenaltyCommand, QuarantineCommand, ReleaseCommand
@@ -198,24 +197,11 @@ def schemas_export(
 
 
 # ---------------------------------------------------------------- processes
-Body = Callable[[aioredis.Redis, AbstractRobustConnection, asyncio.Event], Awaitable[None]]
-
-
 def serve(settings: Settings, name: str, body: Body) -> None:
-    """Runs a long-lived process: metrics endpoint, one Redis pool and one RabbitMQ connection,
-    `body` until SIGTERM/SIGINT, then a clean close."""
-    start_metrics_server(settings.metrics_port)
-
-    async def main(stop: asyncio.Event) -> None:
-        redis = store.connect(settings)
-        connection = await connect(settings, f"orchestrator-{name}")
-        try:
-            await body(redis, connection, stop)
-        finally:
-            await connection.close()
-            await redis.aclose()
-
-    asyncio.run(run_until_signalled(main))
+    """Runs a long-lived process (orchestrator.runtime) and exits with its code."""
+    code = runtime.serve(settings, name, body)
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command()

@@ -71,6 +71,10 @@ class Settings(BaseSettings):
     # Refuse flow-start requests without an AMQP user_id (the broker-validated tenant).
     require_auth: bool = False
 
+    # A process rides out broker outages (consumers hold their messages and retry, loops wait)
+    # and exits with code 69 (EX_UNAVAILABLE) only when one lasts longer than this.
+    outage_limit_s: Annotated[float, Field(gt=0, le=86_400)] = 120.0
+
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["auto", "json", "console"] = "auto"
     # 0 disables the Prometheus endpoint.

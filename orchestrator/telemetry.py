@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -37,8 +38,38 @@ def configure_logging(level: str = "INFO", fmt: str = "auto") -> None:
         cache_logger_on_first_use=True,
     )
     # Libraries (aio-pika, aiokafka, faust) log through the standard library; keep them quiet
-    # unless asked, and on the same stream.
+    # unless asked, and on the same stream. During a broker outage their clients log every
+    # failed attempt (aiokafka: thousands of lines a second); one line per kind of message
+    # every RATE_LIMIT_S says the same, and our own `outage.started` says it once.
     logging.basicConfig(level=max(logging.getLevelName(level), logging.WARNING), stream=sys.stderr)
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, RateLimit) for f in handler.filters):
+            handler.addFilter(RateLimit())
+
+
+class RateLimit(logging.Filter):
+    """Lets one record per (logger, message template) through every `interval_s`; the next
+    one that passes says how many were held back."""
+
+    def __init__(self, interval_s: float = 10.0, clock: Any = None) -> None:
+        super().__init__()
+        self.interval_s = interval_s
+        self.clock = clock or time.monotonic
+        self.seen: dict[tuple[str, str], tuple[float, int]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = (record.name, str(record.msg))
+        now = self.clock()
+        last = self.seen.get(key)
+        if last is not None and now - last[0] < self.interval_s:
+            self.seen[key] = (last[0], last[1] + 1)
+            return False
+        if len(self.seen) > 10_000:  # templates are few; bounded all the same
+            self.seen.clear()
+        if last is not None and last[1]:
+            record.msg = f"{record.msg} [{last[1]} similar lines suppressed]"
+        self.seen[key] = (now, 0)
+        return True
 
 
 @contextmanager

@@ -157,8 +157,11 @@ def express_queue_name(pool: str) -> str:
     return f"work.{pool}.express"
 
 
+TENANT_QUEUE_PREFIX = "fq."
+
+
 def tenant_queue_name(tenant: str) -> str:
-    return f"fq.{tenant}"
+    return f"{TENANT_QUEUE_PREFIX}{tenant}"
 
 
 def tenant_queue(tenant: str) -> Queue:

@@ -46,7 +46,12 @@ MAX_PAYLOAD_BYTES = 256 * 1024
 
 
 def _bounded_json(value: dict[str, JsonValue]) -> dict[str, JsonValue]:
-    size = len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode())
+    # allow_nan=False: NaN and Infinity are not JSON (RFC 8259), whatever parsers accept.
+    try:
+        text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except ValueError:
+        raise ValueError("payload holds NaN or Infinity, which JSON does not allow") from None
+    size = len(text.encode())
     if size > MAX_PAYLOAD_BYTES:
         raise ValueError(f"payload is {size} bytes, the limit is {MAX_PAYLOAD_BYTES}")
     return value
@@ -62,7 +67,9 @@ def utcnow() -> datetime:
 class Contract(BaseModel):
     """Strict base for every model on the wire or in a file: unknown fields are errors."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, str_max_length=64 * 1024)
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, str_max_length=64 * 1024, allow_inf_nan=False
+    )
 
 
 class Message(Contract):

@@ -57,6 +57,11 @@ class StepError(Contract):
     type: Name = Field(examples=["TimeoutError"])
     message: ShortText = ""
     retryable: bool = True
+    reason: Slug | None = Field(
+        default=None,
+        description="set when the runtime, not the step, decided the failure: `poison` (the "
+        "step crashed its worker), `timeout`, `unknown_step_type`",
+    )
 
 
 class StepResult(Message):

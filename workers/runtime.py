@@ -22,8 +22,9 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobus
 from prometheus_client import Counter, Histogram
 
 from orchestrator import topology
-from orchestrator.amqp import InvalidMessage, decode, open_channel, publish, reject_invalid
+from orchestrator.amqp import decode, open_channel, publish
 from orchestrator.config import Settings
+from orchestrator.consumer import Consumer
 from orchestrator.store import Keys
 from orchestrator.telemetry import bound_context, get_logger
 from schemas import StepResult, StepTask, UsageEvent
@@ -34,6 +35,14 @@ from workers.usage import Metered, UsageReporter, rss_bytes
 log = get_logger(__name__)
 
 HEARTBEAT_S = 5.0
+# A step whose attempt has been delivered this many times without a result (each time its
+# worker died running it: kill -9, OOM, a segfault in a native library) is not run again:
+# the worker reports the attempt failed with reason `poison`, and the engine retries or
+# compensates as for any failure. So one poison attempt costs at most two worker crashes.
+POISON_CRASHES = 2
+# Graceful give-backs (drain on SIGTERM) are remembered this long, so they are not counted as
+# crashes; longer than any redelivery takes.
+RETURNED_TTL_S = 3600
 # A worker missing for this many heartbeats drops out of `orchestrator workers list`.
 HEARTBEAT_TTL_S = 3 * HEARTBEAT_S
 
@@ -145,6 +154,7 @@ class Worker:
         self._slots = SlotPool(concurrency, express_slots)
         self._channel: AbstractChannel | None = None
         keys = Keys(settings.redis_prefix)
+        self._keys = keys
         self._registry_key = keys.worker(self.worker_id)
         self._registry_index = keys.workers
 
@@ -173,15 +183,17 @@ class Worker:
         names = self.queues or [topology.work_queue_name(self.pool)]
         consumers = []
         for name in names:
-            queue = await self.channel.get_queue(name)
-            consumers.append((queue, await queue.consume(self._on_message)))
+            consumer = self._consumer(name, stop, express=False)
+            await consumer.start(self.channel)
+            consumers.append(consumer)
         if self.queues is None:
             # The express lane, on its own channel: its steps wait here for the next free slot,
             # ahead of whatever the normal lane has queued behind the running ones. The
             # dispatcher sends a tenant at most one express step at a time.
             express_channel = await open_channel(self.connection, prefetch=self.concurrency)
-            express = await express_channel.get_queue(topology.express_queue_name(self.pool))
-            consumers.append((express, await express.consume(self._on_express)))
+            express = self._consumer(topology.express_queue_name(self.pool), stop, express=True)
+            await express.start(express_channel)
+            consumers.append(express)
         heartbeat = asyncio.create_task(self._heartbeat_loop(stop))
         log.info(
             "worker.started",
@@ -192,9 +204,8 @@ class Worker:
         await stop.wait()
         # Graceful drain: take no more work, let in-flight attempts finish within the grace
         # period, give back (requeue) whatever is still running after it.
-        for queue, tag in consumers:
-            with contextlib.suppress(Exception):
-                await queue.cancel(tag)
+        for consumer in consumers:
+            await consumer.cancel()
         if self.in_flight:
             log.info("worker.draining", in_flight=len(self.in_flight))
             _, pending = await asyncio.wait(set(self.in_flight.values()), timeout=self.grace_s)
@@ -204,6 +215,18 @@ class Worker:
         heartbeat.cancel()
         await asyncio.gather(heartbeat, return_exceptions=True)
         log.info("worker.stopped", worker=self.worker_id)
+
+    def _consumer(self, queue: str, stop: asyncio.Event, *, express: bool) -> Consumer[StepTask]:
+        async def handle(task: StepTask, incoming: AbstractIncomingMessage) -> None:
+            await self._run_in_slot(task, incoming, express=express)
+
+        return Consumer(
+            queue,
+            lambda incoming: decode(incoming, StepTask),
+            handle,
+            stop=stop,
+            retry_limit_s=self.settings.outage_limit_s,
+        )
 
     async def _heartbeat_loop(self, stop: asyncio.Event) -> None:
         """The worker registry (service discovery): one key per worker, expiring if it dies."""
@@ -231,43 +254,58 @@ class Worker:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), HEARTBEAT_S)
 
-    async def _on_message(self, incoming: AbstractIncomingMessage) -> None:
-        await self._run_in_slot(incoming, express=False)
-
-    async def _on_express(self, incoming: AbstractIncomingMessage) -> None:
-        await self._run_in_slot(incoming, express=True)
-
-    async def _run_in_slot(self, incoming: AbstractIncomingMessage, *, express: bool) -> None:
-        task = asyncio.current_task()
-        key = incoming.message_id or str(id(incoming))
-        if task is not None:
-            self.in_flight[key] = task
+    async def _run_in_slot(
+        self, task: StepTask, incoming: AbstractIncomingMessage, *, express: bool
+    ) -> None:
+        current = asyncio.current_task()
+        if current is not None:
+            self.in_flight[task.task_id] = current
         try:
             async with self._slots.slot(express=express):
-                await self._handle(incoming)
+                await self._handle(task, incoming)
         except asyncio.CancelledError:
+            # Given back during drain: not a crash, so it does not count towards `poison`.
             with contextlib.suppress(Exception):
-                await incoming.nack(requeue=True)  # given back during drain
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    pipe.incr(self._returned_key(task.task_id))
+                    pipe.expire(self._returned_key(task.task_id), RETURNED_TTL_S)
+                    await asyncio.wait_for(pipe.execute(), 1.0)
             raise
-        except Exception:
-            log.exception("worker.handle_failed", message_id=incoming.message_id)
-            await asyncio.sleep(1.0)
-            with contextlib.suppress(Exception):
-                await incoming.nack(requeue=True)
         finally:
-            self.in_flight.pop(key, None)
+            self.in_flight.pop(task.task_id, None)
 
-    async def _handle(self, incoming: AbstractIncomingMessage) -> None:
-        queue = topology.work_queue_name(self.pool)
-        try:
-            task = decode(incoming, StepTask)
-        except InvalidMessage as exc:
-            await reject_invalid(self.channel, incoming, queue, exc)
-            return
+    def _returned_key(self, task_id: str) -> str:
+        return f"{self._keys.prefix}returned:{task_id}"
+
+    async def _crashes(self, task: StepTask, incoming: AbstractIncomingMessage) -> int:
+        """How often this attempt was delivered before and ended without a result: the
+        broker's delivery count (quorum queues) minus the graceful give-backs."""
+        if not incoming.redelivered:
+            return 0
+        count = (incoming.headers or {}).get("x-delivery-count")
+        if not isinstance(count, int) or count < POISON_CRASHES:
+            return count if isinstance(count, int) else 0
+        returned = await self.redis.get(self._returned_key(task.task_id))
+        return count - int(returned or 0)
+
+    async def _handle(self, task: StepTask, incoming: AbstractIncomingMessage) -> None:
         with bound_context(tenant=task.tenant, flow=task.flow_id, execution=task.execution_id):
             started_at = datetime.now(UTC)
             context = StepContext(task, self.worker_id, bytes_in=len(incoming.body))
-            attempt = await self._run(context)
+            crashes = await self._crashes(task, incoming)
+            if crashes >= POISON_CRASHES:
+                log.warning("worker.poison_step", task_id=task.task_id, crashes=crashes)
+                attempt = Attempt(
+                    outcome="failed",
+                    error=StepError(
+                        type="PoisonStep",
+                        message=f"the attempt ended its worker {crashes} times without a result",
+                        retryable=True,
+                        reason="poison",
+                    ),
+                )
+            else:
+                attempt = await self._run(context)
             result = StepResult(
                 task_id=task.task_id,
                 execution_id=task.execution_id,
@@ -284,8 +322,8 @@ class Worker:
                 cpu_s=round(attempt.cpu_s, 6),
             )
             body = result.to_bytes()
+            # The consumer acks only after this returns: the result is safe with the broker.
             await publish(self.channel, result)
-            await incoming.ack()  # only now: the result is safe with the broker
             ATTEMPTS.labels(task.step_type, attempt.outcome).inc()
             DURATION.labels(task.step_type).observe(attempt.wall_s)
             self.usage.report(
@@ -319,6 +357,7 @@ class Worker:
                 type="UnknownStepType",
                 message=f"no handler for step type {task.step_type!r} in pool {self.pool!r}",
                 retryable=False,
+                reason="unknown_step_type",
             )
             attempt.outcome = "failed"
             return attempt
@@ -342,7 +381,10 @@ class Worker:
         except TimeoutError:
             attempt.outcome = "timeout"
             attempt.error = StepError(
-                type="StepTimeout", message=f"the step ran over {task.timeout_s}s", retryable=True
+                type="StepTimeout",
+                message=f"the step ran over {task.timeout_s}s",
+                retryable=True,
+                reason="timeout",
             )
         except StepFailed as exc:
             attempt.outcome = "failed"

@@ -16,8 +16,9 @@ from collections.abc import Awaitable, Generator
 from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaProducer
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 
+from orchestrator.outage import OUTAGES
 from orchestrator.telemetry import get_logger
 from schemas import UsageEvent
 
@@ -31,7 +32,11 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 
 USAGE_SENT = Counter("orchestrator_usage_events_sent_total", "Usage events acknowledged by Kafka")
 USAGE_DROPPED = Counter(
-    "orchestrator_usage_events_dropped_total", "Usage events lost to a full buffer"
+    "orchestrator_usage_events_dropped_total", "Usage events lost to a full buffer (oldest first)"
+)
+USAGE_BUFFERED = Gauge("orchestrator_usage_events_buffered", "Usage events waiting for Kafka")
+USAGE_SEND_FAILED = Counter(
+    "orchestrator_usage_send_failures_total", "Batches of usage events Kafka did not take"
 )
 
 
@@ -79,13 +84,21 @@ class UsageReporter:
         self._task: asyncio.Task[None] | None = None
         self._producer: AIOKafkaProducer | None = None
         self._closing = False
+        self.dropped = 0
 
     def report(self, event: UsageEvent) -> None:
-        if len(self.buffer) >= self.buffer_limit:
+        """Buffers an event; never blocks. A full buffer drops its oldest event (the batch
+        being sent is not in the buffer, so only unsent events are ever dropped)."""
+        self.buffer.append(event)
+        self._trim()
+        USAGE_BUFFERED.set(len(self.buffer))
+        self._wake.set()
+
+    def _trim(self) -> None:
+        while len(self.buffer) > self.buffer_limit:
             self.buffer.popleft()
             USAGE_DROPPED.inc()
-        self.buffer.append(event)
-        self._wake.set()
+            self.dropped += 1
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._send_loop())
@@ -132,7 +145,9 @@ class UsageReporter:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            batch = [self.buffer[i] for i in range(min(BATCH, len(self.buffer)))]
+            # Taken out while in flight: events reported meanwhile queue behind it, and a
+            # full buffer drops among those (oldest first), never an event already sent.
+            batch = [self.buffer.popleft() for _ in range(min(BATCH, len(self.buffer)))]
             try:
                 producer = await self._producer_ready()
                 futures = [
@@ -141,15 +156,21 @@ class UsageReporter:
                 ]
                 await asyncio.gather(*futures)
             except Exception as exc:
-                log.warning("usage.send_failed", error=repr(exc), buffered=len(self.buffer))
+                # Back at the front, in order: the oldest are sent first once Kafka is back,
+                # or dropped first if the buffer overflows meanwhile.
+                self.buffer.extendleft(reversed(batch))
+                self._trim()
+                USAGE_BUFFERED.set(len(self.buffer))
+                USAGE_SEND_FAILED.inc()
+                OUTAGES.failed("kafka", exc)  # one warning per outage, not per batch
                 if self._producer is not None:
                     producer, self._producer = self._producer, None
-                    await producer.stop()
+                    with contextlib.suppress(Exception):
+                        await producer.stop()
                 if self._closing:
                     return
                 await asyncio.sleep(RETRY_S)
                 continue
-            for _ in batch:
-                if self.buffer:
-                    self.buffer.popleft()
+            OUTAGES.recovered("kafka")
             USAGE_SENT.inc(len(batch))
+            USAGE_BUFFERED.set(len(self.buffer))

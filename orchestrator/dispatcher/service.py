@@ -25,22 +25,17 @@ import redis.asyncio as aioredis
 from aio_pika.abc import (
     AbstractChannel,
     AbstractIncomingMessage,
-    AbstractQueue,
     AbstractRobustConnection,
 )
 from prometheus_client import Counter, Gauge, Histogram
 
 from orchestrator import topology
-from orchestrator.amqp import (
-    InvalidMessage,
-    decode,
-    open_channel,
-    publish,
-    reject_invalid,
-)
+from orchestrator.amqp import decode, decode_any, open_channel, publish
 from orchestrator.clock import Clock, SystemClock
 from orchestrator.config import Settings
+from orchestrator.consumer import Consumer, Settle
 from orchestrator.dispatcher.fairness import FairQueue, Item, step_cost
+from orchestrator.outage import OUTAGES, dependency_of
 from orchestrator.store import EXTEND_IF_OWNER, RELEASE_IF_OWNER, Keys
 from orchestrator.store.flows import FlowRegistry
 from orchestrator.store.tenants import TenantPolicy, TenantStore
@@ -84,6 +79,11 @@ EXPRESS = Counter(
 IN_FLIGHT = Gauge("orchestrator_in_flight", "Dispatched, not yet completed", ["tenant"])
 WEIGHT = Gauge("orchestrator_tenant_weight", "Effective weight (weight x penalty)", ["tenant"])
 QUARANTINED = Gauge("orchestrator_tenant_quarantined", "1 while quarantined", ["tenant"])
+CONTROL_COMMANDS = (PenaltyCommand, QuarantineCommand, ReleaseCommand)
+
+
+class ReleaseNotConfirmed(ConnectionError):
+    """The broker did not confirm a work-queue publish: RabbitMQ trouble, not a bug."""
 
 
 @dataclass
@@ -147,7 +147,8 @@ class Dispatcher:
         self._lease_until = 0.0  # monotonic deadline of the lease we hold
         self._wake = asyncio.Event()  # leadership changes and failures, for the main loop
         self._kicked = False  # a dispatch pass is scheduled
-        self._consumers: list[tuple[AbstractQueue, str]] = []
+        self._consumers: list[Consumer[Any]] = []
+        self._stop = asyncio.Event()
         self._consumed: set[str] = set()
         self._channel: AbstractChannel | None = None
         self._control: AbstractChannel | None = None
@@ -161,10 +162,17 @@ class Dispatcher:
 
     # ------------------------------------------------------------------ process
     async def run(self, stop: asyncio.Event) -> None:
+        self._stop = stop
         self._control = await open_channel(self.connection, prefetch=32)
         await topology.apply(self._control)
-        control = await self._control.get_queue(topology.CONTROL_QUEUE)
-        control_tag = await control.consume(self._on_control)
+        control: Consumer[Any] = Consumer(
+            topology.CONTROL_QUEUE,
+            lambda incoming: decode_any(incoming, CONTROL_COMMANDS),
+            self._on_control,
+            stop=stop,
+            retry_limit_s=self.settings.outage_limit_s,
+        )
+        await control.start(self._control)
         log.info("dispatcher.started", id=self.id)
         helpers = [
             asyncio.create_task(self._keep_lease(stop), name="dispatcher-lease"),
@@ -178,7 +186,11 @@ class Dispatcher:
                 # Nothing here waits for Redis or a confirm: a step that arrives is picked at
                 # once, not after whatever the loop was awaiting.
                 if self._holding() and not self.leader:
-                    await self._become_leader()
+                    try:
+                        await self._become_leader()
+                    except Exception as exc:
+                        self._trouble(exc)
+                        await self._step_down()
                 elif not self._holding() and self.leader:
                     await self._step_down()
                 if self.leader:
@@ -190,12 +202,24 @@ class Dispatcher:
             for helper in helpers:
                 helper.cancel()
             await asyncio.gather(*helpers, return_exceptions=True)
-            with contextlib.suppress(Exception):
-                await control.cancel(control_tag)
+            await control.cancel()
             if self.leader:
                 await self._step_down()
-                await self._release_lease(keys=[self.lease_key], args=[self.id])
+                with contextlib.suppress(Exception):
+                    await self._release_lease(keys=[self.lease_key], args=[self.id])
             log.info("dispatcher.stopped", id=self.id)
+
+    def _trouble(self, exc: BaseException) -> None:
+        """A failure off the main loop. A broker outage (Redis or RabbitMQ) makes this process
+        step down (its held messages go back to their queues) and compete for the lease again
+        once Redis answers; anything else is a bug and ends the process."""
+        dependency = dependency_of(exc)
+        if dependency is None:
+            self._failure = exc
+        else:
+            OUTAGES.failed(dependency, exc)
+            self._lease_until = 0.0
+        self._wake.set()
 
     async def _keep_lease(self, stop: asyncio.Event) -> None:
         """Takes or renews the lease every RENEW_S on its own task, so nothing the dispatch
@@ -208,8 +232,10 @@ class Dispatcher:
                 else:
                     held = await self.redis.set(self.lease_key, self.id, nx=True, px=LEASE_MS)
             except (aioredis.RedisError, OSError) as exc:
-                log.warning("dispatcher.lease_error", error=str(exc))
+                OUTAGES.failed("redis", exc)
                 held = False
+            else:
+                OUTAGES.recovered("redis")
             was = self._holding()
             # Counted from when we asked: the lease can only have started later than that.
             self._lease_until = asked + LEASE_MS / 1000 if held else 0.0
@@ -228,7 +254,7 @@ class Dispatcher:
                 await self._refresh()
             except Exception as exc:
                 if self.leader:  # else it failed on the channel a step-down closed
-                    self._failure = exc
+                    self._trouble(exc)
             self._wake.set()
 
     def _kick(self) -> None:
@@ -245,8 +271,7 @@ class Dispatcher:
             try:
                 self._dispatch()
             except Exception as exc:  # a bug: end the process, as in the main loop
-                self._failure = exc
-                self._wake.set()
+                self._trouble(exc)
 
     def _holding(self) -> bool:
         # A safety margin: stop releasing before the lease could have passed to a standby.
@@ -259,12 +284,18 @@ class Dispatcher:
         # in between used to kill a freshly taken-over dispatcher).
         self._channel = await open_channel(self.connection, prefetch=HEAD_BUFFER)
         self.leader = True
-        completions = await self._channel.get_queue(topology.COMPLETIONS_QUEUE)
         # Without acks: a completion only corrects the accounting of this leader's in-flight
         # steps, which a new leader does not inherit anyway (and `_expire_in_flight` forgets a
         # completion that never came). Saves an ack per step on both ends.
-        tag = await completions.consume(self._on_completion, no_ack=True)
-        self._consumers.append((completions, tag))
+        consumer = Consumer(
+            topology.COMPLETIONS_QUEUE,
+            lambda incoming: decode(incoming, StepResult),
+            self._on_completion,
+            stop=self._stop,
+            no_ack=True,
+        )
+        await consumer.start(self._channel)
+        self._consumers.append(consumer)
         await self._refresh()
 
     async def _step_down(self) -> None:
@@ -299,11 +330,17 @@ class Dispatcher:
         for tenant in tenants:
             if tenant not in self._consumed:
                 await topology.declare_tenant_queue(channel, tenant)
-                queue = await channel.get_queue(topology.tenant_queue_name(tenant))
-                tag = await queue.consume(self._on_task)
+                consumer = Consumer(
+                    topology.tenant_queue_name(tenant),
+                    lambda incoming: decode(incoming, StepTask),
+                    self._on_task,
+                    stop=self._stop,
+                    retry_limit_s=self.settings.outage_limit_s,
+                )
+                await consumer.start(channel)
                 if self._channel is not channel:
                     return  # stepped down meanwhile: that channel and its consumers are gone
-                self._consumers.append((queue, tag))
+                self._consumers.append(consumer)
                 self._consumed.add(tenant)
         if tenants:
             self.policies = await self.tenants.policies(tenants)
@@ -369,19 +406,9 @@ class Dispatcher:
         return bucket is None or bucket.ready()
 
     # ------------------------------------------------------------------ inputs
-    async def _on_task(self, incoming: AbstractIncomingMessage) -> None:
-        queue = (
-            incoming.routing_key and topology.tenant_queue_name(incoming.routing_key)
-        ) or "fq.?"
-        try:
-            task = decode(incoming, StepTask)
-        except InvalidMessage as exc:
-            assert self._channel is not None
-            await reject_invalid(self._channel, incoming, queue, exc)
-            return
+    async def _on_task(self, task: StepTask, incoming: AbstractIncomingMessage) -> Settle:
         if task.task_id in self._released_ids:
-            await incoming.ack()  # a copy of a step this process released (the engine's repeat)
-            return
+            return Settle.ACK  # a copy of a step this process released (the engine's repeat)
         held = Held(task, incoming)
         if incoming.redelivered or (task.tenant, task.flow_id) not in self.max_parallel:
             self._unchecked.append(held)
@@ -393,6 +420,7 @@ class Dispatcher:
             self._kick()
         else:
             self._unchecked.append(held)
+        return Settle.HOLD
 
     def _push(self, held: Held) -> None:
         task = held.task
@@ -428,15 +456,13 @@ class Dispatcher:
             self._kick()
 
     def _checked(self, check: asyncio.Task[None]) -> None:
-        if not check.cancelled() and check.exception() is not None:
-            self._failure = check.exception()  # Redis is gone: end, a restart starts clean
-            self._wake.set()
+        error = None if check.cancelled() else check.exception()
+        if error is not None:
+            self._trouble(error)  # Redis is gone: step down, the held steps go back
 
-    async def _on_completion(self, incoming: AbstractIncomingMessage) -> None:
-        try:
-            result = decode(incoming, StepResult)
-        except InvalidMessage:
-            return  # the engine's copy of the same message is dead-lettered
+    async def _on_completion(self, result: StepResult, _: AbstractIncomingMessage) -> None:
+        """A copy of a step result (consumed without acks: soft state). An invalid one is
+        counted and announced by the consumer; the engine's copy of it is dead-lettered."""
         entry = self.in_flight.get(result.task_id)
         item = self._forget(result.task_id)
         if item is not None and entry is not None:
@@ -454,25 +480,12 @@ class Dispatcher:
             COST_SERVED.labels(item.tenant).inc(cost)
         self._kick()
 
-    async def _on_control(self, incoming: AbstractIncomingMessage) -> None:
+    async def _on_control(
+        self,
+        command: PenaltyCommand | QuarantineCommand | ReleaseCommand,
+        _: AbstractIncomingMessage,
+    ) -> None:
         """Applies penalty/quarantine/release commands to Redis, once per command id."""
-        assert self._control is not None
-        command: PenaltyCommand | QuarantineCommand | ReleaseCommand
-        try:
-            if incoming.type == PenaltyCommand.message_type:
-                command = decode(incoming, PenaltyCommand)
-            elif incoming.type == QuarantineCommand.message_type:
-                command = decode(incoming, QuarantineCommand)
-            elif incoming.type == ReleaseCommand.message_type:
-                command = decode(incoming, ReleaseCommand)
-            else:
-                raise InvalidMessage(  # noqa: TRY301 - the except below dead-letters it
-                    "wrong_message_type", f"not a control command: {incoming.type!r}"
-                )
-        except InvalidMessage as exc:
-            queue = topology.CONTROL_QUEUE
-            await reject_invalid(self._control, incoming, queue, exc)
-            return
         applied = await self.tenants.apply(command, self.clock.now())
         if applied and self.leader:
             self.policies.update(await self.tenants.policies([command.tenant]))
@@ -482,7 +495,6 @@ class Dispatcher:
             tenant=command.tenant,
             applied=applied,
         )
-        await incoming.ack()
         self._wake.set()
 
     def _forget(self, task_id: str) -> Item | None:
@@ -602,13 +614,13 @@ class Dispatcher:
                 max(0.0, (now - held.task.enqueued_at).total_seconds())
             )
         if len(released) < len(batch):
-            raise RuntimeError("work-queue publish not confirmed")
+            raise ReleaseNotConfirmed("work-queue publish not confirmed")
 
     def _released(self, release: asyncio.Task[None]) -> None:
         self._releases.discard(release)
-        if not release.cancelled() and release.exception() is not None:
-            self._failure = release.exception()
-            self._wake.set()
+        error = None if release.cancelled() else release.exception()
+        if error is not None:
+            self._trouble(error)
 
     async def _settle_releases(self) -> None:
         """Waits for the releases under way, so their confirms, markers and acks are done

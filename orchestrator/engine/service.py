@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable
 from datetime import datetime
+from typing import Any
 
 import redis.asyncio as aioredis
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
 from prometheus_client import Counter
 
 from orchestrator import topology
-from orchestrator.amqp import InvalidMessage, decode, open_channel, publish, reject_invalid
+from orchestrator.amqp import decode, open_channel, publish
 from orchestrator.clock import Clock, SystemClock, from_ms, to_ms
 from orchestrator.config import Settings
+from orchestrator.consumer import Consumer
 from orchestrator.engine.machine import Effects, Execution, Timer, Transition, new_execution
 from orchestrator.engine.store import ExecutionStore, OutboxEntry
 from orchestrator.store import Keys
@@ -28,13 +29,9 @@ log = get_logger(__name__)
 
 TIMER_BATCH = 500
 MAX_IDLE_S = 0.5
-RETRY_DELAY_S = 1.0
 OUTBOX_SWEEP_S = 5.0
 
 EXECUTIONS = Counter("orchestrator_executions_total", "Executions reaching a state", ["state"])
-REJECTED = Counter(
-    "orchestrator_engine_rejected_total", "Invalid messages dead-lettered", ["reason"]
-)
 
 
 class Engine:
@@ -70,13 +67,24 @@ class Engine:
     async def run(self, stop: asyncio.Event) -> None:
         channel = await self.channel()
         await topology.apply(channel)
-        consumers = []
-        for name, handler in (
-            (topology.EXECUTIONS_QUEUE, self._on_execution),
-            (topology.RESULTS_QUEUE, self._on_result),
-        ):
-            queue = await channel.get_queue(name)
-            consumers.append((queue, await queue.consume(self._guard(name, handler))))
+        consumers: list[Consumer[Any]] = [
+            Consumer(
+                topology.EXECUTIONS_QUEUE,
+                lambda incoming: decode(incoming, ExecutionRequested),
+                self._on_execution,
+                stop=stop,
+                retry_limit_s=self.settings.outage_limit_s,
+            ),
+            Consumer(
+                topology.RESULTS_QUEUE,
+                lambda incoming: decode(incoming, StepResult),
+                self._on_result,
+                stop=stop,
+                retry_limit_s=self.settings.outage_limit_s,
+            ),
+        ]
+        for consumer in consumers:
+            await consumer.start(channel)
         log.info("engine.started")
         loops = [
             asyncio.create_task(self._timer_loop(stop)),
@@ -86,48 +94,21 @@ class Engine:
         try:
             await stop.wait()
         finally:
-            for queue, tag in consumers:
-                with contextlib.suppress(Exception):
-                    await queue.cancel(tag)
+            for consumer in consumers:
+                await consumer.cancel()
             for loop in loops:
                 loop.cancel()
             await asyncio.gather(*loops, return_exceptions=True)
             log.info("engine.stopped")
 
-    def _guard(
-        self, queue: str, handler: Callable[[AbstractIncomingMessage, str], Awaitable[None]]
-    ) -> Callable[[AbstractIncomingMessage], Awaitable[None]]:
-        async def consume(incoming: AbstractIncomingMessage) -> None:
-            try:
-                await handler(incoming, queue)
-            except Exception:
-                # Infrastructure trouble (Redis, a publish): give the message back after a
-                # pause. Its effects were either committed (and are flushed on redelivery) or not.
-                log.exception("engine.handler_failed", queue=queue, message_id=incoming.message_id)
-                await asyncio.sleep(RETRY_DELAY_S)
-                with contextlib.suppress(Exception):
-                    await incoming.nack(requeue=True)
-
-        return consume
-
-    async def _reject(
-        self, incoming: AbstractIncomingMessage, queue: str, exc: InvalidMessage
-    ) -> None:
-        REJECTED.labels(exc.reason).inc()
-        await reject_invalid(await self.channel(), incoming, queue, exc)
-
     # ------------------------------------------------------------------ inputs
-    async def _on_execution(self, incoming: AbstractIncomingMessage, queue: str) -> None:
-        try:
-            request = decode(incoming, ExecutionRequested)
-        except InvalidMessage as exc:
-            await self._reject(incoming, queue, exc)
-            return
+    async def _on_execution(
+        self, request: ExecutionRequested, incoming: AbstractIncomingMessage
+    ) -> None:
         with bound_context(
             tenant=request.tenant, flow=request.flow_id, execution=request.execution_id
         ):
             await self.start(request)
-        await incoming.ack()
 
     async def start(self, request: ExecutionRequested) -> None:
         definition = await self.flows.get(request.tenant, request.flow_id)
@@ -170,17 +151,11 @@ class Engine:
         flow = f"{request.tenant}/{request.flow_id}"
         await self.admission.release_running(flow, request.execution_id)
 
-    async def _on_result(self, incoming: AbstractIncomingMessage, queue: str) -> None:
-        try:
-            result = decode(incoming, StepResult)
-        except InvalidMessage as exc:
-            await self._reject(incoming, queue, exc)
-            return
+    async def _on_result(self, result: StepResult, incoming: AbstractIncomingMessage) -> None:
         with bound_context(
             tenant=result.tenant, flow=result.flow_id, execution=result.execution_id
         ):
             await self.apply_result(result)
-        await incoming.ack()
 
     async def apply_result(self, result: StepResult) -> None:
         recorded = False
@@ -191,6 +166,7 @@ class Engine:
                 return
             recorded = True
             await self.store.breaker_record(
+                execution.definition.tenant,
                 execution.definition.step(result.step_id).type,
                 success=result.outcome == "succeeded",
                 now_ms=to_ms(now),
@@ -237,7 +213,7 @@ class Engine:
             if task.kind != "action":
                 continue  # compensations always run: they undo work
             retry_at = await self.store.breaker_acquire(
-                task.step_type, to_ms(transition.now), self.cooldown_ms
+                task.tenant, task.step_type, to_ms(transition.now), self.cooldown_ms
             )
             if retry_at:
                 transition.defer(task.step_id, from_ms(retry_at))

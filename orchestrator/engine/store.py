@@ -45,7 +45,9 @@ if redis.call('SET', KEYS[2], '1', 'NX', 'PX', ARGV[2]) then return 0 end
 return now + tonumber(ARGV[3])
 """
 
-# KEYS: breaker hash, probe key; ARGV: success (1/0), now ms, threshold, cooldown ms
+# KEYS: breaker hash, probe key; ARGV: success (1/0), now ms, threshold, cooldown ms, ttl ms
+# Every write renews the hash's expiry: step types come from tenants' flow definitions, so a
+# breaker nobody uses any more must not stay in Redis for ever.
 _BREAKER_RECORD = """
 if ARGV[1] == '1' then
   redis.call('DEL', KEYS[1], KEYS[2])
@@ -53,14 +55,17 @@ if ARGV[1] == '1' then
 end
 local failures = redis.call('HINCRBY', KEYS[1], 'failures', 1)
 local half_open = tonumber(redis.call('HGET', KEYS[1], 'open_until') or '0') > 0
+local result = 0
 if half_open or failures >= tonumber(ARGV[3]) then
-  local until_ms = tonumber(ARGV[2]) + tonumber(ARGV[4])
-  redis.call('HSET', KEYS[1], 'open_until', until_ms, 'failures', 0)
+  result = tonumber(ARGV[2]) + tonumber(ARGV[4])
+  redis.call('HSET', KEYS[1], 'open_until', result, 'failures', 0)
   redis.call('DEL', KEYS[2])
-  return until_ms
 end
-return 0
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[4]) + tonumber(ARGV[5]))
+return result
 """
+# A breaker with no failure recorded for this long (beyond its cool-down) is forgotten: closed.
+BREAKER_MEMORY_MS = 600_000
 
 
 @dataclass(frozen=True)
@@ -94,11 +99,13 @@ class EngineKeys:
     def flush_lock(self, execution_id: str) -> str:
         return f"{self.prefix}exec:{execution_id}:flush"
 
-    def breaker(self, step_type: str) -> str:
-        return f"{self.prefix}breaker:{step_type}"
+    def breaker(self, tenant: str, step_type: str) -> str:
+        """One breaker per (tenant, step type): a tenant's failing steps hold back its own
+        steps of that type only, never another tenant's."""
+        return f"{self.prefix}breaker:{tenant}:{step_type}"
 
-    def probe(self, step_type: str) -> str:
-        return f"{self.prefix}breaker:{step_type}:probe"
+    def probe(self, tenant: str, step_type: str) -> str:
+        return f"{self.prefix}breaker:{tenant}:{step_type}:probe"
 
 
 Mutator = Callable[[Execution | None], Awaitable[tuple[Execution, Effects] | None]]
@@ -220,19 +227,28 @@ class ExecutionStore:
         return {str(k): str(v) for k, v in (await self.redis.hgetall(self.keys.live)).items()}
 
     # ------------------------------------------------------------------ circuit breakers
-    async def breaker_acquire(self, step_type: str, now_ms: int, cooldown_ms: int) -> int:
-        """0 when a step of this type may run now, else when to try again (epoch ms)."""
-        keys = [self.keys.breaker(step_type), self.keys.probe(step_type)]
+    async def breaker_acquire(
+        self, tenant: str, step_type: str, now_ms: int, cooldown_ms: int
+    ) -> int:
+        """0 when the tenant's step of this type may run now, else when to try again (ms)."""
+        keys = [self.keys.breaker(tenant, step_type), self.keys.probe(tenant, step_type)]
         return int(await self._breaker_acquire(keys=keys, args=[now_ms, cooldown_ms, 1000]))
 
     async def breaker_record(
-        self, step_type: str, *, success: bool, now_ms: int, threshold: int, cooldown_ms: int
+        self,
+        tenant: str,
+        step_type: str,
+        *,
+        success: bool,
+        now_ms: int,
+        threshold: int,
+        cooldown_ms: int,
     ) -> int:
         """Records an attempt's outcome; returns the open-until time if this opened the breaker."""
-        keys = [self.keys.breaker(step_type), self.keys.probe(step_type)]
-        args = ["1" if success else "0", now_ms, threshold, cooldown_ms]
+        keys = [self.keys.breaker(tenant, step_type), self.keys.probe(tenant, step_type)]
+        args = ["1" if success else "0", now_ms, threshold, cooldown_ms, BREAKER_MEMORY_MS]
         return int(await self._breaker_record(keys=keys, args=args))
 
-    async def breaker_state(self, step_type: str) -> dict[str, str]:
-        state = await self.redis.hgetall(self.keys.breaker(step_type))
+    async def breaker_state(self, tenant: str, step_type: str) -> dict[str, str]:
+        state = await self.redis.hgetall(self.keys.breaker(tenant, step_type))
         return {str(k): str(v) for k, v in state.items()}

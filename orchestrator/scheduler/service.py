@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import random
 import socket
@@ -17,9 +16,11 @@ from prometheus_client import Counter, Histogram
 from pydantic import ValidationError
 
 from orchestrator import topology
-from orchestrator.amqp import InvalidMessage, dead_letter, decode, open_channel, publish
+from orchestrator.amqp import InvalidMessage, decode, open_channel, publish, rejection_id, valid_id
 from orchestrator.clock import Clock, SystemClock, from_ms, to_ms
 from orchestrator.config import Settings
+from orchestrator.consumer import Consumer
+from orchestrator.outage import OUTAGES, dependency_of, sleep_unless
 from orchestrator.scheduler.cron import CronSchedule
 from orchestrator.scheduler.ticks import plan_ticks
 from orchestrator.store import Keys, member
@@ -40,8 +41,9 @@ DUE_BATCH = 1_000
 MAX_IDLE_S = 0.5
 # Missed or coalesced ticks reported one by one, per round; beyond that, one summary event.
 REPORT_LIMIT = 100
-# Back-off before a flow-start request that failed on infrastructure (Redis down) is retried.
-RETRY_DELAY_S = 1.0
+# Back-off of the tick loop while Redis or RabbitMQ is away: doubling, capped.
+RETRY_DELAY_S = 0.5
+MAX_RETRY_DELAY_S = 5.0
 FLOW_START_PREFETCH = 32
 DEFINITION_CACHE_SIZE = 20_000
 # Ticks due within this window are claimed and planned ahead, then fired on time.
@@ -98,7 +100,6 @@ class Scheduler:
         self._schedules: dict[tuple[str, str], CronSchedule] = {}
         self._definitions: dict[str, FlowDefinition] = {}
         self._channel: AbstractChannel | None = None
-        self._inflight: set[asyncio.Task[None]] = set()
 
     async def channel(self) -> AbstractChannel:
         if self._channel is None or self._channel.is_closed:
@@ -110,34 +111,49 @@ class Scheduler:
         """Fires ticks (and consumes flow-start requests) until `stop` is set."""
         channel = await self.channel()
         await topology.apply(channel)
-        consumer_tag = None
-        queue = None
+        ingress_consumer = None
         if ingress:
-            queue = await channel.get_queue(topology.FLOW_START_QUEUE)
-            consumer_tag = await queue.consume(self._on_flow_start_message)
+            ingress_consumer = Consumer(
+                topology.FLOW_START_QUEUE,
+                lambda incoming: decode(incoming, FlowStartRequested),
+                self.handle_flow_start,
+                stop=stop,
+                retry_limit_s=self.settings.outage_limit_s,
+                entity="flow_start",
+            )
+            await ingress_consumer.start(channel)
         log.info("scheduler.started", replica=self.replica)
         try:
             await self._tick_loop(stop)
         finally:
-            if queue is not None and consumer_tag is not None:
-                with contextlib.suppress(Exception):
-                    await queue.cancel(consumer_tag)
-            if self._inflight:
-                await asyncio.gather(*self._inflight, return_exceptions=True)
+            if ingress_consumer is not None:
+                await ingress_consumer.cancel()
             log.info("scheduler.stopped", replica=self.replica)
 
     async def _tick_loop(self, stop: asyncio.Event) -> None:
+        """Rounds until stopped. A Redis or RabbitMQ outage costs rounds, never the loop: it
+        waits with capped backoff and carries on where the due index says (claims that a
+        failed round held lapse, so another replica or the next round fires those ticks)."""
+        delay = RETRY_DELAY_S
         while not stop.is_set():
             try:
                 processed = await self.process_due_once()
                 await self.promote_buffered()
-            except (OSError, aioredis.RedisError, TimeoutError) as exc:
-                log.warning("scheduler.round_failed", error=repr(exc))
-                processed = 0
-                await asyncio.sleep(RETRY_DELAY_S)
+                if not processed:
+                    next_ms = await self.admission.next_due_ms()
+            except Exception as exc:
+                dependency = dependency_of(exc)
+                if dependency is None:
+                    raise  # a bug: end the process, a supervisor restarts it clean
+                OUTAGES.failed(dependency, exc)
+                await sleep_unless(stop, delay)
+                delay = min(delay * 2, MAX_RETRY_DELAY_S)
+                continue
+            if delay != RETRY_DELAY_S:
+                OUTAGES.recovered_all()
+                delay = RETRY_DELAY_S
             if processed:
                 continue
-            next_ms = await self.admission.next_due_ms()
             now_ms = to_ms(self.clock.now())
             wait_s = MAX_IDLE_S if next_ms is None else (next_ms - LOOKAHEAD_MS - now_ms) / 1000
             wait_s = min(max(wait_s, 0.0), MAX_IDLE_S)
@@ -365,27 +381,12 @@ class Scheduler:
             TICKS.labels("promoted").inc()
 
     # ------------------------------------------------------------------ flow-start ingress
-    async def _on_flow_start_message(self, incoming: AbstractIncomingMessage) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self._inflight.add(task)
-        try:
-            await self.handle_flow_start(incoming)
-        except Exception:
-            log.exception("flow_start.failed", message_id=incoming.message_id)
-            await asyncio.sleep(RETRY_DELAY_S)
-            with contextlib.suppress(Exception):
-                await incoming.nack(requeue=True)
-        finally:
-            if task is not None:
-                self._inflight.discard(task)
-
-    async def handle_flow_start(self, incoming: AbstractIncomingMessage) -> None:
-        try:
-            request = decode(incoming, FlowStartRequested)
-        except InvalidMessage as exc:
-            await self._refuse(incoming, exc.reason, exc.detail, to_dlq=True)
-            return
+    async def handle_flow_start(
+        self, request: FlowStartRequested, incoming: AbstractIncomingMessage
+    ) -> None:
+        """Admits one decoded flow-start request. Bad requests raise InvalidMessage (the
+        consumer skeleton announces and dead-letters them); policy refusals are announced and
+        acked here."""
         tenant = request.tenant
         if incoming.user_id:
             # RabbitMQ has checked user_id against the publishing connection's user.
@@ -393,20 +394,18 @@ class Scheduler:
                 detail = (
                     f"user {incoming.user_id!r} may not start flows of tenant {request.tenant!r}"
                 )
-                await self._refuse(
-                    incoming, "forbidden", detail, to_dlq=True, tenant=incoming.user_id
-                )
-                return
+                FLOW_STARTS.labels("forbidden").inc()
+                raise InvalidMessage("forbidden", detail)
         elif self.settings.require_auth:
             detail = "the request has no AMQP user_id and authentication is required"
-            await self._refuse(incoming, "unauthenticated", detail, to_dlq=True, tenant=tenant)
-            return
+            FLOW_STARTS.labels("unauthenticated").inc()
+            raise InvalidMessage("unauthenticated", detail, tenant=tenant)
         with bound_context(tenant=tenant, flow=request.flow_id):
             definition = await self.flows.get(tenant, request.flow_id)
             if definition is None:
                 detail = f"tenant {tenant!r} has no flow {request.flow_id!r}"
-                await self._refuse(incoming, "unknown_flow", detail, to_dlq=True, tenant=tenant)
-                return
+                FLOW_STARTS.labels("unknown_flow").inc()
+                raise InvalidMessage("unknown_flow", detail, tenant=tenant)
             await self._admit_request(incoming, request, definition)
 
     async def _admit_request(
@@ -436,13 +435,10 @@ class Scheduler:
                 {**data, "duplicate": True},
                 subject=execution_id,
             )
-            await incoming.ack()
             return
         if definition.paused:
             await self.admission.forget_request(flow, request.idempotency_key)
-            await self._refuse(
-                incoming, "paused", "the flow is paused", to_dlq=False, definition=definition
-            )
+            await self._refuse(incoming, "paused", "the flow is paused", definition)
             return
         try:
             execution = ExecutionRequested(
@@ -455,11 +451,10 @@ class Scheduler:
             )
         except ValidationError as exc:
             await self.admission.forget_request(flow, request.idempotency_key)
-            detail = str(exc)[:500]
-            await self._refuse(
-                incoming, "schema_violation", detail, to_dlq=True, definition=definition
-            )
-            return
+            FLOW_STARTS.labels("schema_violation").inc()
+            raise InvalidMessage(
+                "schema_violation", str(exc)[:500], tenant=definition.tenant, flow=definition.id
+            ) from None
         decision = await self._admit(definition, execution)
         FLOW_STARTS.labels(decision.value).inc()
         if decision not in (Admission.RUN, Admission.BUFFERED):
@@ -467,9 +462,7 @@ class Scheduler:
             # retry the same request later (once the flow is free or released).
             await self.admission.forget_request(flow, request.idempotency_key)
             detail = f"admission refused the request: {decision.value}"
-            await self._refuse(
-                incoming, decision.value, detail, to_dlq=False, definition=definition
-            )
+            await self._refuse(incoming, decision.value, detail, definition)
             return
         if decision is Admission.RUN:
             await publish(await self.channel(), execution)
@@ -479,27 +472,20 @@ class Scheduler:
             "flow_start", "accepted", definition, fire_id, data, subject=execution_id
         )
         await self.admission.finish_request(flow, request.idempotency_key, execution_id)
-        await incoming.ack()
 
     async def _refuse(
         self,
         incoming: AbstractIncomingMessage,
         reason: str,
         detail: str,
-        *,
-        to_dlq: bool,
-        tenant: str | None = None,
-        definition: FlowDefinition | None = None,
+        definition: FlowDefinition,
     ) -> None:
-        """A refused request: status event always; the DLQ too when the input itself was bad."""
+        """A valid request that policy refuses (paused, quarantined, running): announced, then
+        acked by the consumer. Not a dead letter: the same request may succeed later."""
         FLOW_STARTS.labels(reason).inc()
-        data = {"reason": reason, "detail": detail, "message_id": incoming.message_id}
-        key = incoming.message_id or uuid.uuid4().hex
-        await self._status("flow_start", "rejected", definition, key, data, tenant=tenant)
+        data = {"reason": reason, "detail": detail, "queue": topology.FLOW_START_QUEUE}
+        if (message_id := valid_id(incoming.message_id)) is not None:
+            data["message_id"] = message_id
+        key = rejection_id(topology.FLOW_START_QUEUE, incoming)
+        await self._status("flow_start", "rejected", definition, key, data)
         log.info("flow_start.rejected", reason=reason, detail=detail)
-        if to_dlq:
-            await dead_letter(
-                await self.channel(), incoming, topology.FLOW_START_QUEUE, reason, detail
-            )
-        else:
-            await incoming.ack()
