@@ -150,17 +150,24 @@ def decode(incoming: AbstractIncomingMessage, model: type[M]) -> M:
 
 def decode_any(incoming: AbstractIncomingMessage, models: tuple[type[M], ...]) -> M:
     """For a queue that carries several message types, told apart by the AMQP `type`."""
+    check_properties(incoming)
     for model in models:
         if incoming.type == model.message_type:
             return decode(incoming, model)
     if incoming.type is None:
-        errors = []
+        errors: list[InvalidMessage] = []
         for model in models:
             try:
                 return decode(incoming, model)
             except InvalidMessage as exc:
-                errors.append(f"as {model.message_type}: {exc.detail}")
-        raise InvalidMessage("schema_violation", "; ".join(errors)[:MAX_DETAIL_CHARS])
+                errors.append(exc)
+        reasons = {exc.reason for exc in errors}
+        reason = reasons.pop() if len(reasons) == 1 else "schema_violation"
+        detail = "; ".join(
+            f"as {model.message_type}: {exc.detail}"
+            for model, exc in zip(models, errors, strict=True)
+        )
+        raise InvalidMessage(reason, detail[:MAX_DETAIL_CHARS])
     expected = ", ".join(model.message_type for model in models)
     raise InvalidMessage(
         "wrong_message_type", f"expected one of {expected}, got {safe_text(incoming.type)}"

@@ -1,0 +1,265 @@
+"""Poison steps with real processes: a step that kills its worker every time it runs costs at
+most POISON_CRASHES worker deaths per attempt, then fails with reason `poison` (long before the
+step's deadline); a worker killed once mid-step is not poison, the step is redelivered and
+succeeds.
+
+The worker runs under a supervisor loop in the test that restarts it whenever it dies, as
+systemd (Restart=always) or Kubernetes would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aio_pika.abc import AbstractChannel, AbstractQueue
+
+from orchestrator import store, topology
+from orchestrator.config import Settings
+from orchestrator.store.flows import FlowRegistry
+from schemas import FlowDefinition
+from tests.integration.helpers import (
+    body,
+    drain,
+    fresh_settings,
+    get_one,
+    purged,
+    request_execution,
+    reset_queues,
+)
+from tests.integration.processes import spawn, stop_all
+from workers.runtime import POISON_CRASHES
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+# The repository root, so that worker processes can import `tests.poison_steps` from whatever
+# directory pytest runs in (and this checkout's code, not another one's).
+ROOT = Path(__file__).resolve().parents[2]
+TERMINAL = ("succeeded", "failed", "compensated")
+# Generous for a loaded 2-core machine (each crash costs a worker restart, ~1-3 s), and far
+# below the step deadline (120 s + the engine's grace) that a broken detection would wait for.
+WAIT_S = 90.0
+STEP_TIMEOUT_S = 120.0
+
+
+def _execution_state(event: dict[str, Any]) -> str | None:
+    prefix = "io.orchestrator.execution."
+    return event["type"].removeprefix(prefix) if event["type"].startswith(prefix) else None
+
+
+class Supervisor:
+    """Keeps one worker process running: restarts it each time it dies, counts the deaths."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.exit_codes: list[int] = []
+        self.processes: list[subprocess.Popen[bytes]] = []
+        self.current = self._spawn()
+        self._task: asyncio.Task[None] | None = None
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+        process = spawn(
+            self.settings,
+            "worker",
+            "--steps",
+            "tests.poison_steps",
+            "--concurrency",
+            "2",
+            PYTHONPATH=path,
+        )
+        self.processes.append(process)
+        return process
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._watch())
+
+    async def _watch(self) -> None:
+        while True:
+            code = self.current.poll()
+            if code is not None:
+                self.exit_codes.append(code)
+                self.current = self._spawn()
+            await asyncio.sleep(0.05)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        stop_all(self.processes)
+
+
+async def _prepare(settings: Settings, channel: AbstractChannel, flow: dict[str, Any]) -> Any:
+    await reset_queues(channel)
+    await purged(channel, topology.express_queue_name(topology.DEFAULT_POOL))
+    redis = store.connect(settings)
+    definition = FlowDefinition.model_validate({"tenant": "acme", "overlap": "allow", **flow})
+    await FlowRegistry(redis, store.Keys(settings.redis_prefix)).apply(
+        [definition], datetime.now(UTC)
+    )
+    return redis
+
+
+async def _cleanup(redis: Any, settings: Settings, channel: AbstractChannel) -> None:
+    # A step left behind must not crash the workers of later tests.
+    await reset_queues(channel)
+    await purged(channel, topology.express_queue_name(topology.DEFAULT_POOL))
+    async for key in redis.scan_iter(match=f"{settings.redis_prefix}*"):
+        await redis.delete(key)
+    await redis.aclose()
+
+
+async def _until_terminal(
+    feed: AbstractQueue, execution_id: str, wait_s: float
+) -> list[dict[str, Any]]:
+    """The execution's status events up to its first terminal one, then whatever follows
+    within a few seconds (a second terminal event would be among those)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait_s
+    events: list[dict[str, Any]] = []
+    while True:
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            raise AssertionError(
+                f"no terminal event within {wait_s}s; seen: {[e['type'] for e in events]}"
+            )
+        try:
+            event = body(await get_one(feed, wait_s=remaining))
+        except TimeoutError:
+            continue
+        if event["subject"] != execution_id:
+            continue
+        events.append(event)
+        if _execution_state(event) in TERMINAL:
+            break
+    events.extend(
+        e for e in (body(m) for m in await drain(feed, settle_s=3.0)) if e["subject"] == execution_id
+    )
+    return events
+
+
+def _of(events: list[dict[str, Any]], suffix: str) -> list[dict[str, Any]]:
+    return [e for e in events if e["type"] == f"io.orchestrator.{suffix}"]
+
+
+async def test_step_that_kills_its_worker_fails_as_poison(
+    settings: Settings, channel: AbstractChannel, tmp_path: Path
+) -> None:
+    test_settings = fresh_settings(settings)
+    runs = tmp_path / "runs.log"
+    flow = {
+        "id": "poison",
+        "steps": [
+            {
+                "id": "a",
+                "type": "test.crash",
+                "input": {"log": str(runs)},
+                "timeout_s": STEP_TIMEOUT_S,
+                "retry": {"max_attempts": 2, "initial_backoff_s": 0.2, "jitter": 0},
+            }
+        ],
+    }
+    redis = await _prepare(test_settings, channel, flow)
+    feed = await channel.declare_queue(exclusive=True)
+    await feed.bind(topology.STATUS, routing_key="acme.poison.#")
+    processes = [spawn(test_settings, "engine"), spawn(test_settings, "dispatcher")]
+    workers = Supervisor(test_settings)
+    try:
+        workers.start()
+        await asyncio.sleep(2.0)
+        execution_id = await request_execution(channel, "poison")
+        events = await _until_terminal(feed, execution_id, WAIT_S)
+
+        terminal = [e for e in events if _execution_state(e) in TERMINAL]
+        assert [_execution_state(e) for e in terminal] == ["failed"], terminal
+        failure = terminal[0]["data"]["failure"]
+        assert failure["step_id"] == "a"
+        assert failure["error"]["reason"] == "poison", failure
+        assert failure["error"]["type"] == "PoisonStep"
+
+        # Both attempts ran, each poisoned in turn (the first one retried, not final).
+        dispatched = [e for e in _of(events, "step.dispatched") if e["data"]["kind"] == "action"]
+        attempts = len(dispatched)
+        assert [e["data"]["attempt"] for e in dispatched] == [1, 2]
+        retrying = _of(events, "step.retrying")
+        assert [e["data"]["error"]["reason"] for e in retrying] == ["poison"]
+
+        # Every worker death was the step's doing, and no attempt cost more than the limit:
+        # it was run POISON_CRASHES times (each a crash), then reported instead of run again.
+        assert set(workers.exit_codes) <= {137}, workers.exit_codes
+        crashes = len(workers.exit_codes)
+        assert crashes <= POISON_CRASHES * attempts, (crashes, attempts)
+        assert crashes == POISON_CRASHES * attempts, (crashes, attempts)
+        ran = runs.read_text().splitlines()
+        assert len(ran) == crashes, ran
+        # The worker of the final delivery reported it: it is alive, and the poison result
+        # came from it.
+        assert workers.current.poll() is None
+    finally:
+        await workers.stop()
+        stop_all(processes)
+        await _cleanup(redis, test_settings, channel)
+
+
+async def test_one_crash_is_not_poison(
+    settings: Settings, channel: AbstractChannel, tmp_path: Path
+) -> None:
+    test_settings = fresh_settings(settings)
+    runs = tmp_path / "runs.log"
+    flow = {
+        "id": "once",
+        "steps": [
+            {
+                "id": "a",
+                "type": "test.sleep",
+                "input": {"ms": 3000, "log": str(runs)},
+                "timeout_s": STEP_TIMEOUT_S,
+                # A single attempt: were one crash taken for poison, the execution would fail.
+                "retry": {"max_attempts": 1},
+            }
+        ],
+    }
+    redis = await _prepare(test_settings, channel, flow)
+    feed = await channel.declare_queue(exclusive=True)
+    await feed.bind(topology.STATUS, routing_key="acme.once.#")
+    processes = [spawn(test_settings, "engine"), spawn(test_settings, "dispatcher")]
+    workers = Supervisor(test_settings)
+    try:
+        workers.start()
+        await asyncio.sleep(2.0)
+        execution_id = await request_execution(channel, "once")
+        # The step has started running in the first worker: kill that worker mid-step.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + WAIT_S
+        while not (runs.exists() and runs.read_text().strip()):
+            assert loop.time() < deadline, "the step never started"
+            await asyncio.sleep(0.05)
+        victim = workers.current
+        assert runs.read_text().split()[0] == str(victim.pid)
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(timeout=10)
+
+        events = await _until_terminal(feed, execution_id, WAIT_S)
+        terminal = [e for e in events if _execution_state(e) in TERMINAL]
+        assert [_execution_state(e) for e in terminal] == ["succeeded"], terminal
+        # The same attempt was redelivered and run to the end by the restarted worker.
+        assert _of(events, "step.retrying") == []
+        assert [e["data"]["attempt"] for e in _of(events, "step.started")] == [1]
+        assert workers.exit_codes == [-signal.SIGKILL]
+        ran = [line.split()[0] for line in runs.read_text().splitlines()]
+        assert len(ran) == 2, ran
+        assert ran[0] == str(victim.pid)
+        assert ran[1] != ran[0]
+        assert terminal[0]["data"]["outputs"]["a"]["pid"] == int(ran[1])
+    finally:
+        await workers.stop()
+        stop_all(processes)
+        await _cleanup(redis, test_settings, channel)
