@@ -269,6 +269,7 @@ def test_a_deliver_with_a_routing_key_that_is_not_utf8() -> None:
     assert method.delivery_tag == 7
     assert method.redelivered is True
     assert method.exchange == "orchestrator.tasks"
+    assert method.routing_key is not None
     assert "\ufffd" in method.routing_key
     assert method.routing_key.startswith("acme.")
     assert method.routing_key.endswith(".task")

@@ -89,8 +89,8 @@ def reporter_with(kafka: FakeKafka, buffer_limit: int) -> UsageReporter:
     async def ready() -> FakeKafka:
         return kafka
 
-    reporter._producer = kafka  # type: ignore[assignment]
-    reporter._producer_ready = ready  # type: ignore[method-assign,assignment]
+    reporter._producer = kafka
+    reporter._producer_ready = ready  # type: ignore[method-assign]
     return reporter
 
 

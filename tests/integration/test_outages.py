@@ -1,0 +1,198 @@
+"""Redis outages under real processes (through a TCP proxy that the test cuts): nothing exits,
+ticks fire again once Redis answers, and work in flight ends exactly once afterwards."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from aio_pika.abc import AbstractChannel
+
+from orchestrator import store, topology
+from orchestrator.amqp import publish
+from orchestrator.config import Settings
+from orchestrator.store.flows import FlowRegistry
+from schemas import FlowDefinition, FlowStartRequested
+from tests.faults import TcpProxy
+from tests.integration.helpers import body, drain, fresh_settings, purged, reset_queues
+from tests.integration.processes import process_env
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+OUTAGE_S = 6.0
+
+
+def _start(settings: Settings, redis_url: str, *args: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", *args],
+        env=process_env(settings, ORCH_REDIS_URL=redis_url),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+
+def _stop(processes: list[subprocess.Popen[bytes]]) -> list[tuple[int, str]]:
+    """SIGTERM, then each one's exit code and the tail of its stderr."""
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    results = []
+    for process in processes:
+        try:
+            code = process.wait(timeout=40)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            code = process.wait()
+        err = process.stderr.read().decode(errors="replace") if process.stderr else ""
+        results.append((code, err[-2000:]))
+    return results
+
+
+async def _cleanup(redis: Any, settings: Settings) -> None:
+    async for key in redis.scan_iter(match=f"{settings.redis_prefix}*"):
+        await redis.delete(key)
+    await redis.aclose()
+
+
+async def test_schedulers_ride_out_a_redis_outage(
+    settings: Settings, channel: AbstractChannel
+) -> None:
+    test_settings = fresh_settings(settings)
+    executions = await purged(channel, topology.EXECUTIONS_QUEUE)
+    redis = store.connect(test_settings)
+    registry = FlowRegistry(redis, store.Keys(test_settings.redis_prefix))
+    flows = [
+        FlowDefinition.model_validate(
+            {
+                "tenant": "acme",
+                "id": f"every-second-{i}",
+                "cron": "* * * * * *",
+                "overlap": "allow",
+                "steps": [{"id": "a", "type": "demo.echo"}],
+            }
+        )
+        for i in range(20)
+    ]
+    host = test_settings.redis_url.host or "127.0.0.1"
+    received: list[Any] = []
+    async with TcpProxy(host, test_settings.redis_url.port or 6379) as proxy:
+        url = f"redis://127.0.0.1:{proxy.port}/0"
+        replicas = [_start(test_settings, url, "scheduler", "--no-ingress") for _ in range(2)]
+        try:
+            await asyncio.sleep(2.0)
+            await registry.apply(flows, datetime.now(UTC))
+            received.extend(await drain(executions, settle_s=3.0))
+            proxy.cut()
+            await asyncio.sleep(OUTAGE_S)
+            proxy.restore()
+            restored_at = datetime.now(UTC)
+            deadline = time.monotonic() + 8.0
+            while time.monotonic() < deadline:
+                received.extend(await drain(executions, settle_s=0.3))
+            stopped_at = datetime.now(UTC)
+            alive = [replica.poll() is None for replica in replicas]
+        finally:
+            results = _stop(replicas)
+            await _cleanup(redis, test_settings)
+    received.extend(await drain(executions, settle_s=0.5))
+
+    assert alive == [True, True], results
+    assert [code for code, _ in results] == [0, 0], results
+    fire_ids = Counter(m.message_id for m in received)
+    # Every second from shortly after Redis answered again fired, for every flow.
+    first = restored_at.replace(microsecond=0) + timedelta(seconds=3)
+    last = stopped_at.replace(microsecond=0) - timedelta(seconds=2)
+    missing = [
+        f"{flow.tenant}/{flow.id}@{first + timedelta(seconds=offset):%Y-%m-%dT%H:%M:%S}.000Z"
+        for flow in flows
+        for offset in range(int((last - first).total_seconds()) + 1)
+    ]
+    missing = [fire_id for fire_id in missing if fire_id not in fire_ids]
+    assert missing == [], f"{len(missing)} ticks never fired after the outage: {missing[:5]}"
+
+
+async def test_executions_in_flight_through_a_redis_outage_end_exactly_once(
+    settings: Settings, channel: AbstractChannel
+) -> None:
+    test_settings = fresh_settings(settings)
+    await reset_queues(channel)
+    await purged(channel, topology.FLOW_START_QUEUE)
+    redis = store.connect(test_settings)
+    flow = FlowDefinition.model_validate(
+        {
+            "tenant": "acme",
+            "id": "chain",
+            "overlap": "allow",
+            "steps": [
+                {"id": "a", "type": "demo.sleep", "input": {"ms": 200}},
+                {"id": "b", "type": "demo.echo", "depends_on": ["a"]},
+            ],
+        }
+    )
+    await FlowRegistry(redis, store.Keys(test_settings.redis_prefix)).apply(
+        [flow], datetime.now(UTC)
+    )
+    feed = await channel.declare_queue(exclusive=True)
+    await feed.bind(topology.STATUS, routing_key="acme.chain.#")
+    host = test_settings.redis_url.host or "127.0.0.1"
+    keys = [f"outage-{i}-{uuid.uuid4().hex[:6]}" for i in range(40)]
+    events: list[dict[str, Any]] = []
+    async with TcpProxy(host, test_settings.redis_url.port or 6379) as proxy:
+        url = f"redis://127.0.0.1:{proxy.port}/0"
+        processes = [
+            _start(test_settings, url, "scheduler"),
+            _start(test_settings, url, "engine"),
+            _start(test_settings, url, "dispatcher"),
+            _start(test_settings, url, "worker", "--concurrency", "4"),
+        ]
+        try:
+            await asyncio.sleep(2.5)
+            for i, key in enumerate(keys):
+                await publish(
+                    channel, FlowStartRequested(tenant="acme", flow_id="chain", idempotency_key=key)
+                )
+                if i == 15:
+                    proxy.cut()
+                if i == 30:
+                    await asyncio.sleep(OUTAGE_S)
+                    proxy.restore()
+                await asyncio.sleep(0.1)
+            deadline = time.monotonic() + 90
+            while time.monotonic() < deadline:
+                events.extend(body(m) for m in await drain(feed, settle_s=0.5))
+                if len(_terminals(events)) >= len(keys):
+                    break
+            events.extend(body(m) for m in await drain(feed, settle_s=2.0))
+            alive = [process.poll() is None for process in processes]
+        finally:
+            results = _stop(processes)
+            await _cleanup(redis, test_settings)
+
+    assert alive == [True] * 4, results
+    accepted = {
+        e["data"]["execution_id"]
+        for e in events
+        if e["type"] == "io.orchestrator.flow_start.accepted"
+    }
+    assert len(accepted) == len(keys)
+    terminals = _terminals(events)
+    assert set(terminals) == accepted, f"stuck: {accepted - set(terminals)}"
+    assert all(states == ["succeeded"] for states in terminals.values()), terminals
+
+
+def _terminals(events: list[dict[str, Any]]) -> dict[str, list[str]]:
+    """Terminal states per execution, each one counted (a duplicate shows as two)."""
+    ended: dict[str, list[str]] = {}
+    for event in events:
+        kind = event["type"].removeprefix("io.orchestrator.")
+        if kind in ("execution.succeeded", "execution.failed", "execution.compensated"):
+            ended.setdefault(event["subject"], []).append(kind.split(".")[1])
+    return ended
