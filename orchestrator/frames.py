@@ -103,7 +103,12 @@ def _lenient_deliver(frame_data: bytes) -> commands.Basic.Deliver:
     used, exchange = _short_str(data)
     data = data[used:]
     _, routing_key = _short_str(data)
-    return commands.Basic.Deliver(consumer_tag, delivery_tag, redelivered, exchange, routing_key)
+    try:
+        return commands.Basic.Deliver(
+            consumer_tag, delivery_tag, redelivered, exchange, routing_key
+        )
+    except ValueError:  # pamqp checks exchange names: one it refuses is not ours to route on
+        return commands.Basic.Deliver(consumer_tag, delivery_tag, redelivered, "", routing_key)
 
 
 def install() -> None:

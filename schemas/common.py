@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from datetime import UTC, datetime
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -10,6 +11,7 @@ from pydantic import (
     AfterValidator,
     AwareDatetime,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     JsonValue,
@@ -90,4 +92,23 @@ class Message(Contract):
         return cls.model_validate_json(body)
 
 
-Timestamp = AwareDatetime
+# RFC 3339, as the JSON Schema's `format: date-time` says: what pydantic would also take
+# (a Unix time as a number or a numeric string, a date-time without seconds) is refused.
+_RFC3339 = re.compile(
+    r"^\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(?:\.\d{1,9})?(?:[Zz]|[+-]\d{2}:\d{2})$"
+)
+
+
+def _rfc3339(value: object) -> object:
+    """Parses RFC 3339 text itself, so strict validation downstream sees a datetime."""
+    if isinstance(value, datetime):
+        return value
+    if isinstance(value, str) and _RFC3339.match(value):
+        try:
+            return datetime.fromisoformat(value.upper())
+        except ValueError:
+            pass  # e.g. month 13: refused below
+    raise ValueError("expected an RFC 3339 date-time, e.g. 2026-03-29T01:30:00Z")
+
+
+Timestamp = Annotated[AwareDatetime, BeforeValidator(_rfc3339)]

@@ -8,6 +8,7 @@ decoded), which RabbitMQ accepts and relays to consumers. pamqp builds the metho
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import struct
 import urllib.parse
 from dataclasses import dataclass, field
@@ -122,7 +123,7 @@ class RawPublisher:
             if isinstance(value, kind):
                 return value
             if isinstance(value, (commands.Connection.Close, commands.Channel.Close)):
-                raise RuntimeError(f"broker closed: {value}")
+                raise ConnectionError(f"broker closed: {value}")
 
     def _send(self, channel: int, value: object) -> None:
         assert self.writer is not None
@@ -175,7 +176,5 @@ class RawPublisher:
     async def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
-            try:
+            with contextlib.suppress(ConnectionError, OSError):
                 await self.writer.wait_closed()
-            except (ConnectionError, OSError):
-                pass

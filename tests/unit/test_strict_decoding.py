@@ -134,6 +134,30 @@ def test_a_date_time_sent_as_a_unix_number_is_refused(
     assert field in error.detail
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "1774748000",
+        "2026-03-29",
+        "2026-03-29T01:30Z",
+        "2026-03-29 01:30:00Z",
+        "2026-13-01T00:00:00Z",
+    ],
+)
+@pytest.mark.parametrize(("message_type", "field"), DATE_TIME_FIELDS)
+def test_a_date_time_that_is_not_rfc3339_is_refused(
+    message_type: str, field: str, text: str
+) -> None:
+    """Text pydantic alone would read as a date-time (a Unix time in a string, no seconds)."""
+
+    def change(doc: dict[str, Any]) -> None:
+        doc[field] = text
+
+    error = refused(message_type, mutated(message_type, change))
+    assert error.reason == "schema_violation"
+    assert field in error.detail
+
+
 # ---------------------------------------------------------------------------- no NaN / Infinity
 NON_FINITE = [float("nan"), float("inf"), float("-inf")]
 NON_FINITE_IDS = ["NaN", "Infinity", "-Infinity"]
