@@ -59,6 +59,10 @@ class Settings(BaseSettings):
     violations_policy: Path = Path("policy.yaml")
     violations_grace_s: Annotated[float, Field(ge=0, le=300)] = 1.0
     violations_tick_s: Annotated[float, Field(gt=0, le=60)] = 0.25
+    # A usage record that reaches Kafka after its window was judged (workers flushing their
+    # buffers after a Kafka outage) amends the window for this long after its end: it is
+    # judged again, and a violation it shows is decided then. Later records are ignored.
+    violations_late_s: Annotated[float, Field(ge=0, le=86_400)] = 600.0
     violations_app_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,100}$")] = (
         "orchestrator-violations"
     )

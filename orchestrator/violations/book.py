@@ -8,13 +8,18 @@ decisions with the same command ids:
 
 * An event counts in the tumbling window of its `finished_at`, once: each table entry keeps
   the offset of the last record applied, so a replayed record is skipped.
-* A record appended (broker `LogAppendTime`) later than its window's end + grace is late and
-  ignored, whenever it is read. Lateness is a property of the record, not of when we read it.
 * Ticks are records the consumer appends to every partition of the usage topic. A tick
   appended at T closes the windows with end + grace < T: every on-time record of those
-  windows precedes the tick in the partition, so a closed window's figures are final.
-* A closed window is remembered (`closed_until`), so its replayed events and ticks change
-  nothing; decisions use offences of earlier windows only (`policy.decide`).
+  windows precedes the tick in the partition.
+* A record that arrives after its window was closed (workers flushing what they buffered
+  through a Kafka outage) still counts: the closed window is kept `late_s` past its end, the
+  record amends it, and the next tick decides it again. Only decisions for subjects not yet
+  decided in that window come out (a corrective decision, with the same deterministic id it
+  would have had on time). A record appended (broker `LogAppendTime`) more than `late_s`
+  after its window's end is late and ignored, whenever it is read: lateness is a property of
+  the record, not of when we read it.
+* Windows forgotten after `late_s` are remembered (`purged_until`), so replayed events and
+  ticks change nothing; decisions use offences of earlier windows only (`policy.decide`).
 """
 
 from __future__ import annotations
@@ -32,12 +37,13 @@ Table = MutableMapping[str, Any]
 
 @dataclass(frozen=True)
 class Window:
-    """One closed window of one partition, ready to be decided."""
+    """One window of one partition, ready to be decided (again, when `amended`)."""
 
     partition: int
     start: int
     size: int
     tenants: tuple[str, ...]
+    amended: bool = False
 
 
 @dataclass(frozen=True)
@@ -54,7 +60,8 @@ class Book:
 
     * windows  `<tenant>|<start>`    -> tenant stats, per-flow stats and spans, last offset
     * totals   `<partition>|<start>` -> everybody's stats, tenants seen, size, last offset
-    * cursors  `<partition>`         -> open window starts, closed_until
+    * cursors  `<partition>`         -> open window starts, closed ones (start -> subjects
+                                        decided) and those amended since, purged_until
     * offences `<subject>`           -> recent offences (the ladder's memory)
     * active   `<subject>|<kind>`    -> the punishment in force, to announce its expiry
     """
@@ -69,8 +76,10 @@ class Book:
         offences: Table,
         active: Table,
         grace_s: float,
+        late_s: float = 600.0,
     ) -> None:
         self.policy = policy_file
+        self.late_s = late_s
         self.windows = windows
         self.totals = totals
         self.cursors = cursors
@@ -80,18 +89,20 @@ class Book:
 
     # ------------------------------------------------------------------ events
     def add(self, event: UsageEvent, *, partition: int, offset: int, appended_ms: int) -> str:
-        """Counts the event; returns "counted", "late", "closed" or "replayed"."""
+        """Counts the event; returns "counted", "amended" (its window was closed: decided
+        again at the next tick), "late", "closed" or "replayed"."""
         size = self.policy.window_s
         start = int(event.finished_at.timestamp()) // size * size
-        if appended_ms / 1000 > start + size + self.grace_s:
+        if appended_ms / 1000 > start + size + self.late_s:
             return "late"
         cursor = self._cursor(partition)
-        if start <= cursor["closed_until"]:
+        if start <= cursor["purged_until"]:
             return "closed"
+        closed = str(start) in cursor["closed"]
         key = f"{event.tenant}|{start}"
         entry = self.windows.get(key) or {"stats": {}, "flows": {}, "spans": {}, "offset": -1}
         if offset <= entry["offset"]:
-            return "replayed"
+            return "closed" if closed else "replayed"
         entry = {
             "stats": policy.add(_stats(entry["stats"]), event).to_dict(),
             "flows": {
@@ -122,22 +133,56 @@ class Book:
                 "size": total["size"],
                 "offset": offset,
             }
+        if closed:
+            if start not in cursor["amended"]:
+                amended = sorted([*cursor["amended"], start])
+                self.cursors[str(partition)] = {**cursor, "amended": amended}
+            return "amended"
         if start not in cursor["open"]:
             self.cursors[str(partition)] = {**cursor, "open": sorted([*cursor["open"], start])}
         return "counted"
 
     # ------------------------------------------------------------------ ticks
     def due(self, partition: int, appended_ms: int) -> list[Window]:
-        """Windows of the partition that a tick appended at `appended_ms` closes."""
+        """Windows of the partition that a tick appended at `appended_ms` closes, and closed
+        ones that late records amended since the last tick."""
         now = appended_ms / 1000
+        cursor = self._cursor(partition)
         found = []
-        for start in self._cursor(partition)["open"]:
+        for start in cursor["open"]:
             total = self.totals.get(f"{partition}|{start}")
             size = int(total["size"]) if total else self.policy.window_s
             if start + size + self.grace_s < now:
                 tenants = tuple(total["tenants"]) if total else ()
                 found.append(Window(partition, start, size, tenants))
+        for start in cursor["amended"]:
+            total = self.totals.get(f"{partition}|{start}")
+            size = int(total["size"]) if total else self.policy.window_s
+            tenants = tuple(total["tenants"]) if total else ()
+            found.append(Window(partition, start, size, tenants, amended=True))
         return found
+
+    def purge(self, partition: int, appended_ms: int) -> None:
+        """Forgets closed windows that no record may amend any more (`late_s` past their end)."""
+        now = appended_ms / 1000
+        cursor = self._cursor(partition)
+        gone = [
+            int(start)
+            for start in cursor["closed"]
+            if int(start) + self.policy.window_s + self.late_s < now
+            and int(start) not in cursor["amended"]
+        ]
+        if not gone:
+            return
+        for start in gone:
+            total = self.totals.pop(f"{partition}|{start}", None)
+            for tenant in total["tenants"] if total else []:
+                self.windows.pop(f"{tenant}|{start}", None)
+        self.cursors[str(partition)] = {
+            **cursor,
+            "closed": {k: v for k, v in cursor["closed"].items() if int(k) not in gone},
+            "purged_until": max(cursor["purged_until"], *gone),
+        }
 
     def decide(self, window: Window, intervals: dict[str, dict[str, float]]) -> list[Decision]:
         """The decisions for a closed window: at most one per tenant-wide subject and one
@@ -179,7 +224,9 @@ class Book:
                 )
                 if decision is not None:
                     decisions.append(decision)
-        return decisions
+        # A window decided again (amended by late records): only what is new comes out.
+        decided = self._cursor(window.partition)["closed"].get(str(window.start), [])
+        return [d for d in decisions if _subject(d.tenant, d.flow) not in decided]
 
     def closed(self, window: Window, decisions: list[Decision]) -> None:
         """Records a window's decisions (after their commands are confirmed) and forgets it."""
@@ -198,13 +245,14 @@ class Book:
                     "expires_at": decision.expires_at,
                     "partition": window.partition,
                 }
-        for tenant in window.tenants:
-            self.windows.pop(f"{tenant}|{window.start}", None)
-        self.totals.pop(f"{window.partition}|{window.start}", None)
         cursor = self._cursor(window.partition)
+        decided = cursor["closed"].get(str(window.start), [])
+        subjects = sorted({*decided, *(_subject(d.tenant, d.flow) for d in decisions)})
         self.cursors[str(window.partition)] = {
+            **cursor,
             "open": [s for s in cursor["open"] if s != window.start],
-            "closed_until": max(cursor["closed_until"], window.start),
+            "amended": [s for s in cursor["amended"] if s != window.start],
+            "closed": {**cursor["closed"], str(window.start): subjects},
         }
 
     def expired(self, partition: int, appended_ms: int) -> list[Expired]:
@@ -227,8 +275,14 @@ class Book:
 
     # ------------------------------------------------------------------ helpers
     def _cursor(self, partition: int) -> dict[str, Any]:
-        cursor = self.cursors.get(str(partition))
-        return cursor if cursor is not None else {"open": [], "closed_until": -1}
+        cursor = self.cursors.get(str(partition)) or {}
+        return {
+            "open": cursor.get("open", []),
+            "closed": cursor.get("closed", {}),
+            "amended": cursor.get("amended", []),
+            # `closed_until` is what cursors written before amendments kept
+            "purged_until": cursor.get("purged_until", cursor.get("closed_until", -1)),
+        }
 
     def _history(self, subject: str) -> list[Offence]:
         return [Offence.from_dict(o) for o in self.offences.get(subject) or []]

@@ -182,7 +182,12 @@ class ViolationsConsumer:
             name: Staged(app.Table(name, default=None, extra_topic_configs=changelog))
             for name in ("windows", "totals", "cursors", "offences", "active")
         }
-        self.book = Book(self.policy, grace_s=settings.violations_grace_s, **tables)
+        self.book = Book(
+            self.policy,
+            grace_s=settings.violations_grace_s,
+            late_s=settings.violations_late_s,
+            **tables,
+        )
 
         @app.agent(usage, name="judge")
         async def judge(stream: Any) -> None:
@@ -273,6 +278,13 @@ class ViolationsConsumer:
             self.book.closed(window, decisions)
             if decisions:
                 JUDGED.observe(max(0.0, now - window.start - window.size))
+                if window.amended:
+                    log.warning(
+                        "violations.corrected",
+                        window_start=window.start,
+                        tenants=sorted({d.tenant for d in decisions}),
+                    )
+        self.book.purge(partition, appended_ms)
         for expired in self.book.expired(partition, appended_ms):
             await self._release(expired)
             self.book.released(expired)

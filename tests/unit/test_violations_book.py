@@ -13,6 +13,7 @@ from tests.factories import cpu_usage
 
 WINDOW = 10
 T0 = 1_800_000_000  # a window start (multiple of 10)
+LATE_S = 300
 
 POLICY = PolicyFile.model_validate(
     {
@@ -49,6 +50,7 @@ def book(
             offences=tables["o"],
             active=tables["a"],
             grace_s=1.0,
+            late_s=LATE_S,
         ),
         tables,
     )
@@ -109,9 +111,108 @@ def test_replayed_and_late_records_count_once_or_not_at_all() -> None:
     assert set(feed(b, events)) == {"counted"}
     assert set(feed(b, events)) == {"replayed"}
     late = event("noisy", T0 + 5, 1.0, 999)
-    assert b.add(late, partition=0, offset=50, appended_ms=(T0 + WINDOW + 2) * 1000) == "late"
+    appended = (T0 + WINDOW + LATE_S + 1) * 1000  # past the last moment a record may amend
+    assert b.add(late, partition=0, offset=50, appended_ms=appended) == "late"
     assert tables["w"][f"noisy|{T0}"]["stats"]["cpu_s"] == 8.0
     assert tables["t"][f"0|{T0}"]["stats"]["cpu_s"] == 10.0
+
+
+def _flushed_after_outage(start: int, offset: int, delay_s: float) -> list[tuple[UsageEvent, int]]:
+    """noisy's 8 CPU seconds of the window, appended `delay_s` after the window ended."""
+    return [
+        (event("noisy", start + 1 + i, 1.0, offset + i), int((start + WINDOW + delay_s) * 1000))
+        for i in range(8)
+    ]
+
+
+def test_records_flushed_after_a_kafka_outage_are_judged_in_their_window() -> None:
+    """The window was judged on what had arrived (quiet's 2 s: nothing to decide); noisy's
+    records, buffered by its worker through a Kafka outage, arrive two minutes later. They
+    amend the window, and the next tick decides the violation they show, with the id it
+    would have had on time."""
+    on_time, _ = book()
+    feed(on_time, noisy_window(T0))
+    (window,) = on_time.due(0, (T0 + WINDOW + 2) * 1000)
+    (expected,) = on_time.decide(window, {})
+
+    b, _ = book()
+    quiet = [event("quiet", T0 + 1 + i, 1.0, 100 + i) for i in range(2)]
+    feed(b, quiet)
+    (window,) = b.due(0, (T0 + WINDOW + 2) * 1000)
+    assert b.decide(window, {}) == []
+    b.closed(window, [])
+    outcomes = [
+        b.add(e, partition=0, offset=10 + i, appended_ms=at)
+        for i, (e, at) in enumerate(_flushed_after_outage(T0, 0, 120))
+    ]
+    assert set(outcomes) == {"amended"}
+    (window,) = b.due(0, (T0 + WINDOW + 121) * 1000)
+    assert window.amended
+    (decision,) = b.decide(window, {})
+    assert (decision.tenant, decision.command_id) == ("noisy", expected.command_id)
+    b.closed(window, [decision])
+    assert b.due(0, (T0 + WINDOW + 122) * 1000) == []
+    # Decided once: a later late record for the same window adds nothing new to decide.
+    extra = event("noisy", T0 + 9, 1.0, 50)
+    assert b.add(extra, partition=0, offset=30, appended_ms=(T0 + WINDOW + 130) * 1000) == (
+        "amended"
+    )
+    (window,) = b.due(0, (T0 + WINDOW + 131) * 1000)
+    assert b.decide(window, {}) == []
+
+
+def test_a_window_nobody_reported_on_time_opens_when_its_records_arrive() -> None:
+    """Nothing reached Kafka during the window (it was down); later windows were judged
+    meanwhile. The flushed records open their window, and the next tick judges it."""
+    b, _ = book()
+    later = T0 + 5 * WINDOW
+    feed(b, [event("quiet", later + 1, 1.0, 1)])
+    (window,) = b.due(0, (later + WINDOW + 2) * 1000)
+    b.closed(window, b.decide(window, {}))
+    flushed = _flushed_after_outage(T0, 100, 4 * WINDOW + 30)
+    outcomes = [
+        b.add(e, partition=0, offset=10 + i, appended_ms=at) for i, (e, at) in enumerate(flushed)
+    ]
+    assert set(outcomes) == {"counted"}
+    (window,) = b.due(0, flushed[-1][1] + 1)
+    assert window.start == T0
+    (decision,) = b.decide(window, {})
+    assert decision.tenant == "noisy"
+
+
+def test_amendments_replayed_after_a_restart_decide_nothing_twice() -> None:
+    b, tables = book()
+    feed(b, [event("quiet", T0 + 1, 1.0, 100), event("quiet", T0 + 2, 1.0, 101)])
+    (window,) = b.due(0, (T0 + WINDOW + 2) * 1000)
+    b.closed(window, [])
+    flushed = _flushed_after_outage(T0, 0, 60)
+    for i, (e, at) in enumerate(flushed):
+        b.add(e, partition=0, offset=10 + i, appended_ms=at)
+    (window,) = b.due(0, (T0 + WINDOW + 61) * 1000)
+    (decision,) = b.decide(window, {})
+    b.closed(window, [decision])
+    restored = copy.deepcopy(tables)
+    again, _ = book(restored)
+    replayed = [
+        again.add(e, partition=0, offset=10 + i, appended_ms=at)
+        for i, (e, at) in enumerate(flushed)
+    ]
+    assert set(replayed) == {"closed"}
+    assert again.due(0, (T0 + WINDOW + 62) * 1000) == []
+
+
+def test_closed_windows_are_forgotten_after_the_late_limit() -> None:
+    b, tables = book()
+    events = noisy_window(T0)
+    feed(b, events)
+    (window,) = b.due(0, (T0 + WINDOW + 2) * 1000)
+    b.closed(window, b.decide(window, {}))
+    b.purge(0, (T0 + WINDOW + LATE_S - 1) * 1000)
+    assert f"noisy|{T0}" in tables["w"]
+    b.purge(0, (T0 + WINDOW + LATE_S + 1) * 1000)
+    assert f"noisy|{T0}" not in tables["w"]
+    assert f"0|{T0}" not in tables["t"]
+    assert set(feed(b, events)) == {"closed"}  # replayed later: still nothing
 
 
 def test_a_restart_mid_window_reaches_the_same_decision() -> None:
