@@ -166,6 +166,20 @@ async def redis_client(settings: Settings) -> AsyncIterator[object]:
     await client.aclose()
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--long",
+        action="store_true",
+        default=False,
+        help="run the soak versions of the chaos and fuzz suites (minutes, not seconds)",
+    )
+
+
+@pytest.fixture(scope="session")
+def long_run(request: pytest.FixtureRequest) -> bool:
+    return bool(request.config.getoption("--long"))
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if any(part in str(item.fspath) for part in ("/integration/", "/e2e/", "/chaos/")):
