@@ -67,22 +67,23 @@ async def watch_outages(
     connection: AbstractRobustConnection,
     stop: asyncio.Event,
 ) -> None:
-    """Probes the brokers this process reported as failing until they answer again (that is
-    what makes it ready again), and raises OutageExceeded past the configured limit."""
+    """Probes RabbitMQ and Redis once a second (a process that is idle notices an outage
+    too), ends the outages the probes see over (that is what makes the process ready again),
+    and raises OutageExceeded past the configured limit. Kafka is reported by its users."""
     while not await sleep_unless(stop, WATCH_S):
-        if not connection.connected.is_set():
-            OUTAGES.failed("rabbitmq", "connection lost, reconnecting")
-        elif "rabbitmq" in OUTAGES.since:
+        rabbit_up = connection.connected.is_set()
+        if rabbit_up:
             OUTAGES.recovered("rabbitmq")
-        if "redis" in OUTAGES.since or "network" in OUTAGES.since:
-            try:
-                await asyncio.wait_for(redis.ping(), PROBE_TIMEOUT_S)
-            except Exception as exc:
-                OUTAGES.failed("redis", exc)
-            else:
-                OUTAGES.recovered("redis")
-                if connection.connected.is_set():
-                    OUTAGES.recovered("network")
+        else:
+            OUTAGES.failed("rabbitmq", "connection lost, reconnecting")
+        try:
+            await asyncio.wait_for(redis.ping(), PROBE_TIMEOUT_S)
+        except Exception as exc:
+            OUTAGES.failed("redis", exc)
+        else:
+            OUTAGES.recovered("redis")
+            if rabbit_up:
+                OUTAGES.recovered("network")
         OUTAGES.check(settings.outage_limit_s)
 
 

@@ -196,3 +196,65 @@ def _terminals(events: list[dict[str, Any]]) -> dict[str, list[str]]:
         if kind in ("execution.succeeded", "execution.failed", "execution.compensated"):
             ended.setdefault(event["subject"], []).append(kind.split(".")[1])
     return ended
+
+
+def _readyz(port: int) -> tuple[int, dict[str, Any]]:
+    import json
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+    except OSError:
+        return 0, {}
+
+
+async def _until_ready_is(port: int, status: int, wait_s: float = 30) -> dict[str, Any]:
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        code, answer = await asyncio.to_thread(_readyz, port)
+        if code == status:
+            return answer
+        await asyncio.sleep(0.3)
+    raise TimeoutError(f"/readyz never answered {status}")
+
+
+async def test_not_ready_during_an_outage_and_exit_69_past_the_limit(
+    settings: Settings, unused_tcp_port_factory: Any
+) -> None:
+    test_settings = fresh_settings(settings)
+    host = test_settings.redis_url.host or "127.0.0.1"
+    async with TcpProxy(host, test_settings.redis_url.port or 6379) as proxy:
+        url = f"redis://127.0.0.1:{proxy.port}/0"
+        port = unused_tcp_port_factory()
+        engine = subprocess.Popen(
+            [sys.executable, "-m", "orchestrator", "engine"],
+            env=process_env(
+                test_settings,
+                ORCH_REDIS_URL=url,
+                ORCH_METRICS_PORT=str(port),
+                ORCH_OUTAGE_LIMIT_S="6",
+            ),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            await _until_ready_is(port, 200)
+            proxy.cut()  # a short outage: not ready, then ready again, still running
+            answer = await _until_ready_is(port, 503)
+            assert "redis" in answer["failing"]
+            await asyncio.sleep(1.0)
+            proxy.restore()
+            await _until_ready_is(port, 200)
+            assert engine.poll() is None
+            proxy.cut()  # longer than the limit: it gives up, and says why
+            code = await asyncio.to_thread(engine.wait, 60)
+        finally:
+            if engine.poll() is None:
+                engine.kill()
+            err = engine.stderr.read().decode(errors="replace") if engine.stderr else ""
+    assert code == 69, err[-2000:]
+    assert "process.outage_limit" in err
