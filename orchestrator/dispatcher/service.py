@@ -487,7 +487,7 @@ class Dispatcher:
     ) -> None:
         """Applies penalty/quarantine/release commands to Redis, once per command id."""
         applied = await self.tenants.apply(command, self.clock.now())
-        if applied and self.leader:
+        if applied and self.leader and command.tenant in self._consumed:
             self.policies.update(await self.tenants.policies([command.tenant]))
         log.info(
             "dispatcher.control",

@@ -154,7 +154,9 @@ class TenantStore:
             self._command(command.command_id), "1", nx=True, ex=COMMAND_MEMORY_S
         ):
             return False
-        await self.register(command.tenant)
+        # Not registered: a command may name a tenant that has no flows (from a forged usage
+        # event, say), and a registered tenant gets a fair queue. The penalty or quarantine
+        # key applies once the tenant runs anything, and expires either way.
         if isinstance(command, PenaltyCommand):
             ttl_ms = int((command.expires_at - now).total_seconds() * 1000)
             if ttl_ms > 0:
