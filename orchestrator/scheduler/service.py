@@ -198,8 +198,12 @@ class Scheduler:
         async with self._slots:
             try:
                 return True, await self._process(flow, fire_at_ms, claim)
-            except Exception:
-                log.exception("scheduler.tick_failed", flow=flow)
+            except Exception as exc:
+                dependency = dependency_of(exc)
+                if dependency is None:
+                    log.exception("scheduler.tick_failed", flow=flow)
+                else:  # retried once its claim lapses; the outage is reported once
+                    OUTAGES.failed(dependency, exc)
                 return False, None
 
     def _definition(self, raw: str) -> FlowDefinition:

@@ -7,6 +7,7 @@ import asyncio
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections import Counter
@@ -31,12 +32,34 @@ OUTAGE_S = 6.0
 
 
 def _start(settings: Settings, redis_url: str, *args: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
+    return _logged([*args], process_env(settings, ORCH_REDIS_URL=redis_url))
+
+
+LOGS: dict[int, Any] = {}
+
+
+def _logged(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """stderr to a file, not a pipe: nobody reads a pipe while the test runs, and a process
+    whose pipe is full blocks on its next log line (and then never stops)."""
+    log = tempfile.TemporaryFile()  # noqa: SIM115 - read and closed by _log_of
+    process = subprocess.Popen(
         [sys.executable, "-m", "orchestrator", *args],
-        env=process_env(settings, ORCH_REDIS_URL=redis_url),
+        env=env,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stderr=log,
     )
+    LOGS[process.pid] = log
+    return process
+
+
+def _log_of(process: subprocess.Popen[bytes]) -> str:
+    log = LOGS.pop(process.pid, None)
+    if log is None:
+        return ""
+    log.seek(0)
+    text = log.read().decode(errors="replace")
+    log.close()
+    return text
 
 
 def _stop(processes: list[subprocess.Popen[bytes]]) -> list[tuple[int, str]]:
@@ -51,7 +74,7 @@ def _stop(processes: list[subprocess.Popen[bytes]]) -> list[tuple[int, str]]:
         except subprocess.TimeoutExpired:
             process.kill()
             code = process.wait()
-        err = process.stderr.read().decode(errors="replace") if process.stderr else ""
+        err = _log_of(process)
         results.append((code, err[-2000:]))
     return results
 
@@ -230,16 +253,14 @@ async def test_not_ready_during_an_outage_and_exit_69_past_the_limit(
     async with TcpProxy(host, test_settings.redis_url.port or 6379) as proxy:
         url = f"redis://127.0.0.1:{proxy.port}/0"
         port = unused_tcp_port_factory()
-        engine = subprocess.Popen(
-            [sys.executable, "-m", "orchestrator", "engine"],
-            env=process_env(
+        engine = _logged(
+            ["engine"],
+            process_env(
                 test_settings,
                 ORCH_REDIS_URL=url,
                 ORCH_METRICS_PORT=str(port),
                 ORCH_OUTAGE_LIMIT_S="6",
             ),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
         )
         try:
             await _until_ready_is(port, 200)
@@ -255,6 +276,6 @@ async def test_not_ready_during_an_outage_and_exit_69_past_the_limit(
         finally:
             if engine.poll() is None:
                 engine.kill()
-            err = engine.stderr.read().decode(errors="replace") if engine.stderr else ""
+            err = _log_of(engine)
     assert code == 69, err[-2000:]
     assert "process.outage_limit" in err
