@@ -143,9 +143,13 @@ def decode(incoming: AbstractIncomingMessage, model: type[M]) -> M:
     try:
         return model.model_validate_json(incoming.body, strict=True)
     except ValidationError as exc:
-        json_invalid = any(error["type"] == "json_invalid" for error in exc.errors())
-        return_reason = "malformed_json" if json_invalid else "schema_violation"
-        raise InvalidMessage(return_reason, _summarise(exc)) from None
+        errors = exc.errors(include_url=False, include_input=False)
+        json_invalid = [e for e in errors if e["type"] == "json_invalid"]
+        if any("recursion limit" in e["msg"] for e in json_invalid):
+            reason = "too_deep"  # JSON nested deeper than the parser's limit (~200 levels)
+        else:
+            reason = "malformed_json" if json_invalid else "schema_violation"
+        raise InvalidMessage(reason, _summarise(exc)) from None
 
 
 def decode_any(incoming: AbstractIncomingMessage, models: tuple[type[M], ...]) -> M:

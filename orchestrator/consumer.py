@@ -27,6 +27,7 @@ Log lines inside a delivery carry `queue` and `message_id` (bound with contextva
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import time
 from collections.abc import Awaitable, Callable
@@ -187,7 +188,7 @@ class Consumer(Generic[M]):
         """Status event, DLQ copy, ack — retried while the broker is away, never given up on
         for anything in the message: every field it reads is checked or ours."""
         reason, detail = exc.reason, exc.detail
-        log.info("message.rejected", reason=reason, detail=detail[:200])
+        _say("info", "message.rejected", reason=reason, detail=detail[:200])
         delay = BACKOFF_MIN_S
         announced = False
         while True:
@@ -215,8 +216,9 @@ class Consumer(Generic[M]):
                     REJECTED.labels(self.queue, reason).inc()
             except Exception as error:  # a broker failure: wait and try again
                 dependency = dependency_of(error) or "rabbitmq"
-                OUTAGES.failed(dependency, error)
-                log.warning("consumer.reject_failed", error=repr(error))
+                with contextlib.suppress(Exception):
+                    OUTAGES.failed(dependency, error)
+                _say("warning", "consumer.reject_failed", error=repr(error))
                 if self.channel is None or self.channel.is_closed or self.stop.is_set():
                     return  # unacked: it comes back, and is rejected then
                 if await sleep_unless(self.stop, delay):
@@ -224,6 +226,13 @@ class Consumer(Generic[M]):
                 delay = min(delay * 2, BACKOFF_MAX_S)
             else:
                 return
+
+
+def _say(level: str, event: str, **values: object) -> None:
+    """Logs from the reject path: a log line that cannot be written (stderr closed, a full
+    pipe's broken end) must not stop a message being rejected."""
+    with contextlib.suppress(Exception):
+        getattr(log, level)(event, **values)
 
 
 def _channel_closed(incoming: AbstractIncomingMessage) -> bool:

@@ -49,7 +49,15 @@ def _checked(name: str, value: Any) -> Any:
     """Values aio-pika converts again when it builds an IncomingMessage: fail here instead."""
     if name == "expiration" and value is not None:
         float(value)  # aio-pika parses it as milliseconds
+    if name == "delivery_mode" and value not in (None, 1, 2):
+        raise ValueError(f"delivery mode {value}")  # aio-pika's DeliveryMode enum
     return value
+
+
+def _usable(properties: _Properties) -> None:
+    """Raises if aio-pika could not build a message from properties pamqp decoded."""
+    _checked("expiration", properties.expiration)
+    _checked("delivery_mode", properties.delivery_mode)
 
 
 def lenient_properties(flags: int, data: bytes) -> tuple[_Properties, list[str]]:
@@ -121,9 +129,11 @@ def install() -> None:
 
     def unmarshal_header(frame_data: bytes) -> header.ContentHeader:
         try:
-            return strict_header(frame_data)
+            content_header = strict_header(frame_data)
+            _usable(content_header.properties)
         except Exception:  # OverflowError escapes pamqp's own handling too
             return _lenient_header(frame_data)
+        return content_header
 
     def unmarshal_method(frame_data: bytes) -> Frame:
         try:

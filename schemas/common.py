@@ -62,6 +62,17 @@ def _bounded_json(value: dict[str, JsonValue]) -> dict[str, JsonValue]:
 Payload = Annotated[dict[str, JsonValue], AfterValidator(_bounded_json)]
 
 
+def _not_bool(value: object) -> object:
+    # `true == 1` in Python, and pydantic's Literal[1] matches it even in strict mode; the
+    # JSON Schema says integer.
+    if isinstance(value, bool):
+        raise ValueError("expected the integer 1, got a boolean")  # noqa: TRY004 - pydantic reports ValueError
+    return value
+
+
+SchemaVersion = Annotated[Literal[1], BeforeValidator(_not_bool)]
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
@@ -78,7 +89,7 @@ class Message(Contract):
     """A message on a broker. `message_type` names it in the AMQP `type` property."""
 
     message_type: ClassVar[str]
-    schema_version: Literal[1] = 1  # SCHEMA_VERSION; bump both together
+    schema_version: SchemaVersion = 1  # SCHEMA_VERSION; bump both together
 
     def message_id(self) -> str:
         """The stable id consumers deduplicate on (AMQP `message_id`, Kafka key suffix)."""

@@ -17,6 +17,7 @@ from schemas.common import (
     Message,
     MessageId,
     Payload,
+    SchemaVersion,
     TenantId,
     Timestamp,
     utcnow,
@@ -64,7 +65,7 @@ class StatusEvent(Message):
 
     # Ours, not CloudEvents'. It travels as the extension attribute `schemaversion`, since
     # extension names may hold only lower-case letters and digits.
-    schema_version: Literal[1] = Field(default=1, alias="schemaversion")
+    schema_version: SchemaVersion = Field(default=1, alias="schemaversion")
 
     model_config = ConfigDict(
         extra="forbid", frozen=True, serialize_by_alias=True, validate_by_name=True

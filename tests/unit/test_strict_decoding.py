@@ -385,3 +385,15 @@ def run(coroutine: Any) -> None:
         return
     coroutine.close()
     raise AssertionError("the coroutine waited on something")
+
+
+@pytest.mark.parametrize("message_type", sorted(MESSAGES))
+def test_schema_version_true_is_not_the_integer_1(message_type: str) -> None:
+    """`true == 1` in Python; pydantic's Literal[1] took it even in strict mode."""
+    key = "schemaversion" if message_type == "status" else "schema_version"
+
+    def change(doc: dict[str, Any]) -> None:
+        doc[key] = True
+
+    error = refused(message_type, mutated(message_type, change))
+    assert error.reason == "schema_violation"
