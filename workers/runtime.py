@@ -35,10 +35,13 @@ from workers.usage import Metered, UsageReporter, rss_bytes
 log = get_logger(__name__)
 
 HEARTBEAT_S = 5.0
-# A step whose attempt has been delivered this many times without a result (each time its
-# worker died running it: kill -9, OOM, a segfault in a native library) is not run again:
-# the worker reports the attempt failed with reason `poison`, and the engine retries or
-# compensates as for any failure. So one poison attempt costs at most two worker crashes.
+# Poison steps (a step that kills its worker: os._exit, OOM, a segfault in a native
+# library). A worker that dies takes every step it held down with it, so a redelivered step
+# is only a suspect: it runs *alone* on its worker, behind a marker in Redis. If that worker
+# dies too, the next delivery finds the marker and reports the attempt failed with reason
+# `poison` instead of running it a third time; the engine retries or compensates as for any
+# failure. One poison attempt costs at most two worker crashes; an innocent step that shared
+# a worker with one runs again (alone, once) and is not blamed.
 POISON_CRASHES = 2
 # Graceful give-backs (drain on SIGTERM) are remembered this long, so they are not counted as
 # crashes; longer than any redelivery takes.
@@ -261,14 +264,24 @@ class Worker:
         if current is not None:
             self.in_flight[task.task_id] = current
         try:
-            async with self._slots.slot(express=express):
-                await self._handle(task, incoming)
+            crashes, ran_alone = await self._suspicion(task, incoming)
+            if crashes and ran_alone:
+                await self._handle(task, incoming, poison=crashes)
+            elif crashes:
+                async with self._slots.alone():
+                    await self.redis.set(self._alone_key(task.task_id), "1", ex=RETURNED_TTL_S)
+                    await self._handle(task, incoming)
+                    await self.redis.delete(self._alone_key(task.task_id))
+            else:
+                async with self._slots.slot(express=express):
+                    await self._handle(task, incoming)
         except asyncio.CancelledError:
             # Given back during drain: not a crash, so it does not count towards `poison`.
             with contextlib.suppress(Exception):
                 async with self.redis.pipeline(transaction=False) as pipe:
                     pipe.incr(self._returned_key(task.task_id))
                     pipe.expire(self._returned_key(task.task_id), RETURNED_TTL_S)
+                    pipe.delete(self._alone_key(task.task_id))
                     await asyncio.wait_for(pipe.execute(), 1.0)
             raise
         finally:
@@ -277,23 +290,32 @@ class Worker:
     def _returned_key(self, task_id: str) -> str:
         return f"{self._keys.prefix}returned:{task_id}"
 
-    async def _crashes(self, task: StepTask, incoming: AbstractIncomingMessage) -> int:
-        """How often this attempt was delivered before and ended without a result: the
-        broker's delivery count (quorum queues) minus the graceful give-backs."""
-        if not incoming.redelivered:
-            return 0
-        count = (incoming.headers or {}).get("x-delivery-count")
-        if not isinstance(count, int) or count < POISON_CRASHES:
-            return count if isinstance(count, int) else 0
-        returned = await self.redis.get(self._returned_key(task.task_id))
-        return count - int(returned or 0)
+    def _alone_key(self, task_id: str) -> str:
+        return f"{self._keys.prefix}alone:{task_id}"
 
-    async def _handle(self, task: StepTask, incoming: AbstractIncomingMessage) -> None:
+    async def _suspicion(
+        self, task: StepTask, incoming: AbstractIncomingMessage
+    ) -> tuple[int, bool]:
+        """(deliveries of this attempt that ended without a result, whether one of them ran
+        alone). Deliveries: the broker's count (quorum queues) minus the graceful give-backs.
+        Costs nothing on a first delivery."""
+        count = (incoming.headers or {}).get("x-delivery-count")
+        if not incoming.redelivered or not isinstance(count, int) or count < 1:
+            return 0, False
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.get(self._returned_key(task.task_id))
+            pipe.exists(self._alone_key(task.task_id))
+            returned, alone = await pipe.execute()
+        return max(0, count - int(returned or 0)), bool(alone)
+
+    async def _handle(
+        self, task: StepTask, incoming: AbstractIncomingMessage, *, poison: int = 0
+    ) -> None:
         with bound_context(tenant=task.tenant, flow=task.flow_id, execution=task.execution_id):
             started_at = datetime.now(UTC)
             context = StepContext(task, self.worker_id, bytes_in=len(incoming.body))
-            crashes = await self._crashes(task, incoming)
-            if crashes >= POISON_CRASHES:
+            if poison:
+                crashes = poison
                 log.warning("worker.poison_step", task_id=task.task_id, crashes=crashes)
                 attempt = Attempt(
                     outcome="failed",

@@ -14,6 +14,7 @@ import contextlib
 import os
 import signal
 import subprocess
+from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from orchestrator import store, topology
 from orchestrator.config import Settings
 from orchestrator.store.flows import FlowRegistry
 from schemas import FlowDefinition
+from tests.conftest import Management
 from tests.integration.helpers import (
     body,
     drain,
@@ -78,6 +80,9 @@ class Supervisor:
         self.processes.append(process)
         return process
 
+    def __repr__(self) -> str:
+        return f"Supervisor(exit_codes={self.exit_codes})"
+
     def start(self) -> None:
         self._task = asyncio.create_task(self._watch())
 
@@ -117,8 +122,48 @@ async def _cleanup(redis: Any, settings: Settings, channel: AbstractChannel) -> 
     await redis.aclose()
 
 
+def _exit_codes(processes: dict[str, subprocess.Popen[bytes]]) -> dict[str, int | None]:
+    return {name: process.poll() for name, process in processes.items()}
+
+
+async def _ready(
+    management: Management,
+    vhost: str,
+    processes: dict[str, subprocess.Popen[bytes]],
+    workers: Supervisor,
+) -> None:
+    """Waits until the engine, the leading dispatcher and a worker consume their queues (no
+    fixed sleep: a loaded machine may take a while to start three Python processes). Asks the
+    management API: RabbitMQ 3.x reports no consumers of a quorum queue in declare-ok."""
+    queues = (
+        topology.EXECUTIONS_QUEUE,
+        topology.RESULTS_QUEUE,
+        topology.COMPLETIONS_QUEUE,
+        topology.work_queue_name(topology.DEFAULT_POOL),
+        topology.express_queue_name(topology.DEFAULT_POOL),
+    )
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + WAIT_S
+    while True:
+        exited = {name: code for name, code in _exit_codes(processes).items() if code is not None}
+        assert not exited, f"exited before the test began: {exited}"
+        assert workers.exit_codes == [], f"the worker died before the test began: {workers}"
+        counts = {}
+        for name in queues:
+            queue = await asyncio.to_thread(management.queue, vhost, name)
+            consumers = queue.get("consumers")
+            counts[name] = consumers if isinstance(consumers, int) else 0
+        if all(counts.values()):
+            return
+        assert loop.time() < deadline, f"not consumed after {WAIT_S}s: {counts}"
+        await asyncio.sleep(0.5)
+
+
 async def _until_terminal(
-    feed: AbstractQueue, execution_id: str, wait_s: float
+    feed: AbstractQueue,
+    execution_id: str,
+    wait_s: float,
+    processes: dict[str, subprocess.Popen[bytes]],
 ) -> list[dict[str, Any]]:
     """The execution's status events up to its first terminal one, then whatever follows
     within a few seconds (a second terminal event would be among those)."""
@@ -129,7 +174,8 @@ async def _until_terminal(
         remaining = deadline - loop.time()
         if remaining <= 0:
             raise AssertionError(
-                f"no terminal event within {wait_s}s; seen: {[e['type'] for e in events]}"
+                f"no terminal event within {wait_s}s; seen: {[e['type'] for e in events]}; "
+                f"exit codes: {_exit_codes(processes)}"
             )
         try:
             event = body(await get_one(feed, wait_s=remaining))
@@ -141,7 +187,9 @@ async def _until_terminal(
         if _execution_state(event) in TERMINAL:
             break
     events.extend(
-        e for e in (body(m) for m in await drain(feed, settle_s=3.0)) if e["subject"] == execution_id
+        e
+        for e in (body(m) for m in await drain(feed, settle_s=3.0))
+        if e["subject"] == execution_id
     )
     return events
 
@@ -151,7 +199,11 @@ def _of(events: list[dict[str, Any]], suffix: str) -> list[dict[str, Any]]:
 
 
 async def test_step_that_kills_its_worker_fails_as_poison(
-    settings: Settings, channel: AbstractChannel, tmp_path: Path
+    settings: Settings,
+    channel: AbstractChannel,
+    management: Management,
+    vhost: str,
+    tmp_path: Path,
 ) -> None:
     test_settings = fresh_settings(settings)
     runs = tmp_path / "runs.log"
@@ -170,13 +222,16 @@ async def test_step_that_kills_its_worker_fails_as_poison(
     redis = await _prepare(test_settings, channel, flow)
     feed = await channel.declare_queue(exclusive=True)
     await feed.bind(topology.STATUS, routing_key="acme.poison.#")
-    processes = [spawn(test_settings, "engine"), spawn(test_settings, "dispatcher")]
+    processes = {
+        "engine": spawn(test_settings, "engine"),
+        "dispatcher": spawn(test_settings, "dispatcher"),
+    }
     workers = Supervisor(test_settings)
     try:
         workers.start()
-        await asyncio.sleep(2.0)
+        await _ready(management, vhost, processes, workers)
         execution_id = await request_execution(channel, "poison")
-        events = await _until_terminal(feed, execution_id, WAIT_S)
+        events = await _until_terminal(feed, execution_id, WAIT_S, processes)
 
         terminal = [e for e in events if _execution_state(e) in TERMINAL]
         assert [_execution_state(e) for e in terminal] == ["failed"], terminal
@@ -198,19 +253,23 @@ async def test_step_that_kills_its_worker_fails_as_poison(
         crashes = len(workers.exit_codes)
         assert crashes <= POISON_CRASHES * attempts, (crashes, attempts)
         assert crashes == POISON_CRASHES * attempts, (crashes, attempts)
-        ran = runs.read_text().splitlines()
-        assert len(ran) == crashes, ran
-        # The worker of the final delivery reported it: it is alive, and the poison result
-        # came from it.
+        # Per attempt, from the step's own log of every run it started (the pid, the task):
+        ran = Counter(line.split()[1] for line in runs.read_text().splitlines())
+        assert ran == {e["data"]["task_id"]: POISON_CRASHES for e in dispatched}, ran
+        # The third delivery of each attempt was reported, not run: that worker lives on.
         assert workers.current.poll() is None
     finally:
         await workers.stop()
-        stop_all(processes)
+        stop_all(list(processes.values()))
         await _cleanup(redis, test_settings, channel)
 
 
 async def test_one_crash_is_not_poison(
-    settings: Settings, channel: AbstractChannel, tmp_path: Path
+    settings: Settings,
+    channel: AbstractChannel,
+    management: Management,
+    vhost: str,
+    tmp_path: Path,
 ) -> None:
     test_settings = fresh_settings(settings)
     runs = tmp_path / "runs.log"
@@ -230,11 +289,14 @@ async def test_one_crash_is_not_poison(
     redis = await _prepare(test_settings, channel, flow)
     feed = await channel.declare_queue(exclusive=True)
     await feed.bind(topology.STATUS, routing_key="acme.once.#")
-    processes = [spawn(test_settings, "engine"), spawn(test_settings, "dispatcher")]
+    processes = {
+        "engine": spawn(test_settings, "engine"),
+        "dispatcher": spawn(test_settings, "dispatcher"),
+    }
     workers = Supervisor(test_settings)
     try:
         workers.start()
-        await asyncio.sleep(2.0)
+        await _ready(management, vhost, processes, workers)
         execution_id = await request_execution(channel, "once")
         # The step has started running in the first worker: kill that worker mid-step.
         loop = asyncio.get_running_loop()
@@ -247,7 +309,7 @@ async def test_one_crash_is_not_poison(
         victim.send_signal(signal.SIGKILL)
         victim.wait(timeout=10)
 
-        events = await _until_terminal(feed, execution_id, WAIT_S)
+        events = await _until_terminal(feed, execution_id, WAIT_S, processes)
         terminal = [e for e in events if _execution_state(e) in TERMINAL]
         assert [_execution_state(e) for e in terminal] == ["succeeded"], terminal
         # The same attempt was redelivered and run to the end by the restarted worker.
@@ -261,5 +323,93 @@ async def test_one_crash_is_not_poison(
         assert terminal[0]["data"]["outputs"]["a"]["pid"] == int(ran[1])
     finally:
         await workers.stop()
-        stop_all(processes)
+        stop_all(list(processes.values()))
+        await _cleanup(redis, test_settings, channel)
+
+
+async def test_a_step_that_shared_a_worker_with_a_poison_step_is_not_blamed(
+    settings: Settings,
+    channel: AbstractChannel,
+    management: Management,
+    vhost: str,
+    tmp_path: Path,
+) -> None:
+    """beta's step runs when acme's poison step kills their shared worker, twice over. Each
+    worker death redelivers both; only the step that killed a worker while running alone is
+    poison. beta's single attempt must succeed."""
+    test_settings = fresh_settings(settings)
+    runs = tmp_path / "runs.log"
+    crash = {
+        "id": "poison",
+        "steps": [
+            {
+                "id": "a",
+                "type": "test.crash",
+                "input": {"log": str(runs)},
+                "timeout_s": STEP_TIMEOUT_S,
+                "retry": {"max_attempts": 1},
+            }
+        ],
+    }
+    redis = await _prepare(test_settings, channel, crash)
+    await reset_queues(channel, "beta")
+    calm = FlowDefinition.model_validate(
+        {
+            "tenant": "beta",
+            "id": "calm",
+            "overlap": "allow",
+            "steps": [
+                {
+                    "id": "a",
+                    "type": "test.sleep",
+                    "input": {"ms": 3000, "log": str(runs)},
+                    "timeout_s": STEP_TIMEOUT_S,
+                    "retry": {"max_attempts": 1},
+                }
+            ],
+        }
+    )
+    await FlowRegistry(redis, store.Keys(test_settings.redis_prefix)).apply(
+        [calm], datetime.now(UTC)
+    )
+    feed = await channel.declare_queue(exclusive=True)
+    await feed.bind(topology.STATUS, routing_key="*.*.execution.*")
+    processes = {
+        "engine": spawn(test_settings, "engine"),
+        "dispatcher": spawn(test_settings, "dispatcher"),
+    }
+    workers = Supervisor(test_settings)
+    try:
+        workers.start()
+        await _ready(management, vhost, processes, workers)
+        innocent = await request_execution(channel, "calm", tenant="beta")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + WAIT_S
+        while not (runs.exists() and runs.read_text().strip()):
+            assert loop.time() < deadline, "beta's step never started"
+            await asyncio.sleep(0.05)
+        poison = await request_execution(channel, "poison")
+        ended: dict[str, list[str]] = {}
+        while not {innocent, poison} <= set(ended):
+            assert loop.time() < deadline, f"not ended: {ended}, exits {workers.exit_codes}"
+            try:
+                event = body(await get_one(feed, wait_s=max(0.1, deadline - loop.time())))
+            except TimeoutError:
+                continue
+            state = _execution_state(event)
+            if state in TERMINAL:
+                ended.setdefault(event["subject"], []).append(state)
+                if state == "failed" and event["subject"] == poison:
+                    assert event["data"]["failure"]["error"]["reason"] == "poison"
+        for message in await drain(feed, settle_s=2.0):
+            event = body(message)
+            if _execution_state(event) in TERMINAL:
+                ended.setdefault(event["subject"], []).append(str(_execution_state(event)))
+        assert ended[innocent] == ["succeeded"], (ended, workers.exit_codes)
+        assert ended[poison] == ["failed"], ended
+        assert len(workers.exit_codes) <= POISON_CRASHES, workers.exit_codes
+    finally:
+        await workers.stop()
+        stop_all(list(processes.values()))
+        await reset_queues(channel, "beta")
         await _cleanup(redis, test_settings, channel)

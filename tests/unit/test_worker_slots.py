@@ -118,3 +118,34 @@ def test_limits_hold_and_every_step_runs(
         assert pool.running == pool.running_regular == 0
 
     asyncio.run(scenario())
+
+
+async def test_a_suspect_runs_alone_and_before_later_steps() -> None:
+    pool = SlotPool(2, 1)
+    order: list[str] = []
+    release_first = asyncio.Event()
+
+    async def step(name: str, hold: asyncio.Event | None = None) -> None:
+        async with pool.slot():
+            order.append(f"{name}+")
+            if hold is not None:
+                await hold.wait()
+            order.append(f"{name}-")
+
+    async def suspect() -> None:
+        async with pool.alone():
+            assert pool.running == 1
+            order.append("alone+")
+            await asyncio.sleep(0)
+            order.append("alone-")
+
+    first = asyncio.create_task(step("first", release_first))
+    await asyncio.sleep(0)
+    alone = asyncio.create_task(suspect())
+    await asyncio.sleep(0)
+    later = asyncio.create_task(step("later"))
+    await asyncio.sleep(0.01)
+    assert order == ["first+"]  # the suspect waits for the running step; later waits behind it
+    release_first.set()
+    await asyncio.gather(first, alone, later)
+    assert order == ["first+", "first-", "alone+", "alone-", "later+", "later-"]
