@@ -110,7 +110,10 @@ class Consumer(Generic[M]):
 
     async def start(self, channel: AbstractChannel) -> None:
         self.channel = channel
-        self._queue = await channel.get_queue(self.queue, ensure=False)
+        # A passive declare, not `ensure=False`: only declared queues are registered with a
+        # robust channel, which re-declares them and restarts their consumers after the
+        # connection comes back (a RabbitMQ restart). Without it a consumer stops for good.
+        self._queue = await channel.get_queue(self.queue)
         self._tag = await self._queue.consume(self.deliver, no_ack=self.no_ack)
 
     async def cancel(self) -> None:
