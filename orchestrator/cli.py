@@ -154,7 +154,7 @@ def up(
         ", violations consumer" if policy_file is not None else ""
     )
     console.print(f"{running} running; Ctrl-C stops them")
-    serve(settings, "up", everything)
+    serve(settings, "up", everything, critical=runtime.WITHOUT_KAFKA)
 
 
 @topology_app.command("apply")
@@ -197,9 +197,11 @@ def schemas_export(
 
 
 # ---------------------------------------------------------------- processes
-def serve(settings: Settings, name: str, body: Body) -> None:
+def serve(
+    settings: Settings, name: str, body: Body, *, critical: frozenset[str] | None = None
+) -> None:
     """Runs a long-lived process (orchestrator.runtime) and exits with its code."""
-    code = runtime.serve(settings, name, body)
+    code = runtime.serve(settings, name, body, critical=critical)
     if code:
         raise typer.Exit(code)
 
@@ -315,7 +317,7 @@ def worker(  # noqa: PLR0917 - typer options
         ) as running:
             await running.run(stop)
 
-    serve(settings, "worker", work)
+    serve(settings, "worker", work, critical=runtime.WITHOUT_KAFKA)
 
 
 @workers_app.command("list")

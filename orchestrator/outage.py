@@ -105,11 +105,15 @@ class Outages:
         dependency = min(self.since, key=self.since.__getitem__)
         return dependency, self.clock() - self.since[dependency]
 
-    def check(self, limit_s: float) -> None:
-        """Raises OutageExceeded when some dependency has been down longer than `limit_s`."""
-        longest = self.longest()
-        if longest is not None and longest[1] > limit_s:
-            raise OutageExceeded(*longest)
+    def check(self, limit_s: float, critical: frozenset[str] | None = None) -> None:
+        """Raises OutageExceeded when a dependency the process cannot work without (all of
+        them unless `critical` says) has been down longer than `limit_s`."""
+        now = self.clock()
+        for dependency, since in sorted(self.since.items(), key=lambda item: item[1]):
+            if critical is not None and dependency not in critical:
+                continue
+            if now - since > limit_s:
+                raise OutageExceeded(dependency, now - since)
 
 
 OUTAGES = Outages()

@@ -27,6 +27,10 @@ from orchestrator.telemetry import get_logger
 
 log = get_logger(__name__)
 
+# Processes that keep working through a Kafka outage (workers buffer usage, bounded) do not
+# give up on it: exiting would only lose what they buffered.
+WITHOUT_KAFKA = frozenset({"rabbitmq", "redis", "network"})
+
 EXIT_OK = 0
 EXIT_FAILURE = 1
 WATCH_S = 1.0
@@ -66,6 +70,7 @@ async def watch_outages(
     redis: aioredis.Redis,
     connection: AbstractRobustConnection,
     stop: asyncio.Event,
+    critical: frozenset[str] | None = None,
 ) -> None:
     """Probes RabbitMQ and Redis once a second (a process that is idle notices an outage
     too), ends the outages the probes see over (that is what makes the process ready again),
@@ -84,7 +89,7 @@ async def watch_outages(
             OUTAGES.recovered("redis")
             if rabbit_up:
                 OUTAGES.recovered("network")
-        OUTAGES.check(settings.outage_limit_s)
+        OUTAGES.check(settings.outage_limit_s, critical)
 
 
 async def start_health_server(port: int) -> web.AppRunner | None:
@@ -116,10 +121,13 @@ async def start_health_server(port: int) -> web.AppRunner | None:
     return runner
 
 
-def serve(settings: Settings, name: str, body: Body) -> int:
+def serve(
+    settings: Settings, name: str, body: Body, *, critical: frozenset[str] | None = None
+) -> int:
     """Runs a long-lived process: health and metrics endpoints, one Redis pool and one
     RabbitMQ connection, `body` until SIGTERM/SIGINT, then a clean close. Returns its exit
-    code: EXIT_OUTAGE when a broker stayed away too long."""
+    code: EXIT_OUTAGE when a broker it cannot work without (`critical`; default: every one
+    it reports) stayed away too long."""
     code = EXIT_OK
 
     async def main(stop: asyncio.Event) -> None:
@@ -127,7 +135,7 @@ def serve(settings: Settings, name: str, body: Body) -> int:
         health = await start_health_server(settings.metrics_port)
         redis = store.connect(settings)
         connection = await connect(settings, f"orchestrator-{name}")
-        watchdog = asyncio.create_task(watch_outages(settings, redis, connection, stop))
+        watchdog = asyncio.create_task(watch_outages(settings, redis, connection, stop, critical))
         work: asyncio.Future[None] = asyncio.ensure_future(body(redis, connection, stop))
         try:
             await asyncio.wait({watchdog, work}, return_when=asyncio.FIRST_COMPLETED)
