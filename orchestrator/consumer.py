@@ -14,8 +14,9 @@ same way for every queue:
   kept, not requeued — a requeue would count towards the queue's delivery limit, and a 60 s
   outage would dead-letter valid messages — and the handler is retried with capped
   exponential backoff until it succeeds, the process stops (the unacked message goes back to
-  the queue with the channel) or `retry_limit_s` passes (then the process is about to give up
-  on the broker anyway: see orchestrator.outage).
+  the queue with the channel) or twice `retry_limit_s` (the outage limit) has passed: a real
+  outage would have ended the process by then (orchestrator.outage), so the message itself
+  is the problem and is dead-lettered with `handler_error`.
 - **A bug** (any other exception): retried a few times, then dead-lettered with reason
   `handler_error`, so one message that trips a bug never blocks a queue or loops forever.
 - The handler's normal return acks, unless it returns `HOLD` (it keeps the message and
@@ -56,6 +57,7 @@ M = TypeVar("M")
 BUG_ATTEMPTS = 3
 BACKOFF_MIN_S = 0.2
 BACKOFF_MAX_S = 5.0  # capped: no busy loop, and a broker that is back is noticed within 5 s
+GIVE_UP_FACTOR = 2
 
 REJECTED = Counter(
     "orchestrator_messages_rejected_total",
@@ -163,7 +165,12 @@ class Consumer(Generic[M]):
                     failing.add(dependency)
                     OUTAGES.failed(dependency, exc)
                 RETRIED.labels(self.queue, dependency or "bug").inc()
-                if bugs >= BUG_ATTEMPTS or time.monotonic() - started > self.retry_limit_s:
+                # A broker failure is retried until the process stops; a real outage ends
+                # the process at the outage limit (the message goes back unacked). Failing
+                # twice as long while the process lives means this message is the problem
+                # (say, a publish no queue takes): it must not stay unacked for ever.
+                stuck = time.monotonic() - started > GIVE_UP_FACTOR * self.retry_limit_s
+                if bugs >= BUG_ATTEMPTS or stuck:
                     await self.reject(
                         incoming, InvalidMessage("handler_error", safe_text(exc, 1000))
                     )
