@@ -39,3 +39,36 @@ def test_metrics_endpoint_serves_prometheus_text() -> None:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
         text = response.read().decode()
     assert "probe_total 3.0" in text
+
+
+def test_a_flood_of_library_log_lines_is_rate_limited() -> None:
+    """During a Kafka outage aiokafka logged thousands of lines a second; one per kind of
+    message every interval goes through, the next one says how many were held back."""
+    import logging
+
+    from orchestrator.telemetry import RateLimit
+
+    now = [0.0]
+    limit = RateLimit(interval_s=10.0, clock=lambda: now[0])
+
+    def record(msg: str) -> logging.LogRecord:
+        return logging.LogRecord("aiokafka.conn", logging.ERROR, __file__, 1, msg, None, None)
+
+    passed = [limit.filter(record("Unable connect to %s")) for _ in range(5000)]
+    assert passed.count(True) == 1
+    assert limit.filter(record("another kind of line"))  # counted apart
+    now[0] = 10.5
+    again = record("Unable connect to %s")
+    assert limit.filter(again)
+    assert "4999 similar lines suppressed" in str(again.msg)
+
+
+def test_library_log_handlers_get_the_rate_limit() -> None:
+    import logging
+
+    from orchestrator.telemetry import RateLimit
+
+    configure_logging("INFO", "json")
+    handlers = logging.getLogger().handlers
+    assert handlers
+    assert all(any(isinstance(f, RateLimit) for f in h.filters) for h in handlers)
