@@ -45,7 +45,7 @@ _AMQP_TRANSIENT = (
 )
 
 
-def dependency_of(exc: BaseException) -> str | None:
+def dependency_of(exc: BaseException) -> str | None:  # noqa: PLR0911 - one answer per kind
     """The broker whose failure `exc` is, or None when it is not a broker failure (a bug)."""
     if isinstance(exc, _REDIS_TRANSIENT):
         return "redis"
@@ -57,7 +57,22 @@ def dependency_of(exc: BaseException) -> str | None:
         return "network"
     if type(exc).__module__.startswith(("aiokafka", "kafka")):
         return "kafka"
+    if isinstance(exc, RuntimeError) and _raised_in(exc, ("/aio_pika/", "/aiormq/")):
+        # aio-pika reports a connection that is reconnecting as RuntimeError ("Connection
+        # was not opened", "... closed"): a RabbitMQ outage, not our bug.
+        return "rabbitmq"
     return None
+
+
+def _raised_in(exc: BaseException, paths: tuple[str, ...]) -> bool:
+    """Whether the innermost frame of `exc`'s traceback is in one of these packages."""
+    tb = exc.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    filename = tb.tb_frame.f_code.co_filename
+    return any(path in filename for path in paths)
 
 
 class OutageExceeded(Exception):

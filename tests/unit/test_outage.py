@@ -45,3 +45,15 @@ def test_broker_failures_are_outages_and_bugs_are_not() -> None:
     assert dependency_of(redis.exceptions.ResponseError("WRONGTYPE")) is None
     assert dependency_of(ConnectionResetError()) == "network"
     assert dependency_of(KeyError("x")) is None
+
+
+async def test_a_reconnecting_amqp_connection_is_an_outage_not_a_bug() -> None:
+    """aio-pika raises RuntimeError for a robust connection that is reconnecting; a dispatcher
+    that took it for a bug exited (code 1) during RabbitMQ restarts."""
+    import aio_pika
+
+    connection = aio_pika.RobustConnection(aio_pika.connection.make_url("amqp://127.0.0.1:1/"))
+    with pytest.raises(RuntimeError) as raised:
+        await connection.channel().__aenter__()
+    assert dependency_of(raised.value) == "rabbitmq"
+    assert dependency_of(RuntimeError("ours")) is None
