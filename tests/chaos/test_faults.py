@@ -132,6 +132,7 @@ class Feed:
     name: str
     events: list[tuple[float, dict[str, Any]]] = field(default_factory=list)
     channel: AbstractChannel | None = None
+    copies: int = 0
 
     async def declare(self) -> None:
         channel = await self._channel()
@@ -162,11 +163,22 @@ class Feed:
         }
 
     def terminals(self) -> dict[str, list[tuple[float, str]]]:
+        """Terminal events per execution, every distinct event counted (a second terminal
+        state shows as two). A redelivered copy of the same event (same CloudEvents id: the
+        broker delivers at least once, subscribers deduplicate on the id) is not a second
+        state; `copies` counts those."""
         ended: dict[str, list[tuple[float, str]]] = {}
+        seen: set[str] = set()
+        self.copies = 0
         for at, event in self.events:
             kind = event["type"].removeprefix("io.orchestrator.")
-            if kind in TERMINAL:
-                ended.setdefault(event["subject"], []).append((at, kind.split(".")[1]))
+            if kind not in TERMINAL:
+                continue
+            if event["id"] in seen:
+                self.copies += 1
+                continue
+            seen.add(event["id"])
+            ended.setdefault(event["subject"], []).append((at, kind.split(".")[1]))
         return ended
 
 
@@ -334,6 +346,11 @@ async def test_every_execution_ends_once_through_kills_and_broker_restarts(
         recovery = _recovery(began, finished, client, executions, ended)
         shown = f"{recovery:.1f}" if recovery is not None else "-"
         print(f"{name:<34} {finished - began:>9.1f} {shown:>18}")
+    print(
+        f"lost {len(missing)}, stuck {len(stuck)}, not exactly once {len(not_once)}, "
+        f"not succeeded {len(failed)}, process exits {len(exits)}, in DLQs {leftovers}; "
+        f"redelivered copies of terminal events {feed.copies}"
+    )
     assert exits == [], f"processes exited on their own: {exits}"
     assert missing == [], f"{len(missing)} confirmed flow starts never accepted: {missing[:5]}"
     assert stuck == [], f"{len(stuck)} executions never ended: {stuck[:5]}"
