@@ -270,8 +270,13 @@ class Worker:
             elif crashes:
                 async with self._slots.alone():
                     await self.redis.set(self._alone_key(task.task_id), "1", ex=RETURNED_TTL_S)
-                    await self._handle(task, incoming)
-                    await self.redis.delete(self._alone_key(task.task_id))
+                    try:
+                        await self._handle(task, incoming)
+                    finally:
+                        # This process lives: whatever went wrong (a result publish that failed
+                        # and is retried), it was no crash. Only a dead worker leaves the marker.
+                        with contextlib.suppress(Exception):
+                            await self.redis.delete(self._alone_key(task.task_id))
             else:
                 async with self._slots.slot(express=express):
                     await self._handle(task, incoming)
