@@ -184,9 +184,15 @@ class Book:
             "purged_until": max(cursor["purged_until"], *gone),
         }
 
-    def decide(self, window: Window, intervals: dict[str, dict[str, float]]) -> list[Decision]:
+    def decide(
+        self,
+        window: Window,
+        intervals: dict[str, dict[str, float]],
+        decided_at: float | None = None,
+    ) -> list[Decision]:
         """The decisions for a closed window: at most one per tenant-wide subject and one
-        per flow. `intervals` maps tenant -> flow -> schedule interval in seconds."""
+        per flow. `intervals` maps tenant -> flow -> schedule interval in seconds;
+        `decided_at` is the log time of the deciding tick (punishments run from it)."""
         total = self.totals.get(f"{window.partition}|{window.start}")
         if total is None:
             return []
@@ -221,6 +227,7 @@ class Book:
                     window_start=window.start,
                     window_s=window.size,
                     lookback_s=self.policy.lookback_s,
+                    decided_at=decided_at,
                 )
                 if decision is not None:
                     decisions.append(decision)

@@ -9,7 +9,10 @@ decision with the same command id and the same content:
 * `decide` counts only offences of windows *before* the one decided (this window's own
   offence, possibly recorded before a crash, is ignored) and counts each window once;
 * command ids derive from (action, rule, subject, window start), and `issued_at`/`expires_at`
-  from the window end, never from the clock.
+  from `decided_at`: the log time of the tick that decided the window (the window end when
+  not given), never from the clock. A punishment runs its full length from its decision, so
+  a window decided late (its records flushed after a Kafka outage, a consumer that was down)
+  is punished as one decided on time.
 """
 
 from __future__ import annotations
@@ -292,6 +295,7 @@ class Decision:
     reason: str
     window_start: float
     window_s: float
+    decided_at: float | None = None  # the deciding tick's log time; None: at the window end
 
     @property
     def action(self) -> Literal["warn", "penalty", "quarantine"]:
@@ -302,8 +306,13 @@ class Decision:
         return self.window_start + self.window_s
 
     @property
+    def starts_at(self) -> float:
+        """When the punishment starts: its decision, never before the window's end."""
+        return self.window_end if self.decided_at is None else max(self.decided_at, self.window_end)
+
+    @property
     def expires_at(self) -> float | None:
-        return None if isinstance(self.rung, Warn) else self.window_end + self.rung.minutes * 60
+        return None if isinstance(self.rung, Warn) else self.starts_at + self.rung.minutes * 60
 
     @property
     def command_id(self) -> str:
@@ -324,6 +333,7 @@ def decide(
     window_start: float,
     window_s: float,
     lookback_s: float,
+    decided_at: float | None = None,
 ) -> Decision | None:
     """At most one decision for one subject in one window. Offence n (1-based: distinct
     earlier windows of this subject with `window_start - lookback_s <= start < window_start`,
@@ -360,6 +370,7 @@ def decide(
         reason=reason,
         window_start=window_start,
         window_s=window_s,
+        decided_at=decided_at,
     )
 
 
@@ -368,7 +379,7 @@ def _utc(epoch: float) -> datetime:
 
 
 def to_command(decision: Decision) -> PenaltyCommand | QuarantineCommand | None:
-    """The command for a decision (None for a warning), issued at the window end."""
+    """The command for a decision (None for a warning), issued when it was decided."""
     rung = decision.rung
     if isinstance(rung, Warn):
         return None
@@ -379,8 +390,8 @@ def to_command(decision: Decision) -> PenaltyCommand | QuarantineCommand | None:
         "rule": decision.rule,
         "reason": decision.reason[:MAX_REASON],
         "issued_by": ISSUED_BY,
-        "issued_at": _utc(decision.window_end),
-        "expires_at": _utc(decision.window_end + rung.minutes * 60),
+        "issued_at": _utc(decision.starts_at),
+        "expires_at": _utc(decision.starts_at + rung.minutes * 60),
     }
     if isinstance(rung, Quarantine):
         return QuarantineCommand.model_validate(common)

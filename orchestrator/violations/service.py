@@ -266,12 +266,13 @@ class ViolationsConsumer:
         self._maybe_reload()
         now = appended_ms / 1000
         for window in self.book.due(partition, appended_ms):
-            # A window judged long after the fact (a new consumer reading history, a long
-            # outage): a punishment that would already be over is not worth announcing.
+            # Punishments run from this tick, so a window decided late (records flushed after
+            # a Kafka outage) costs its tenant what it would have on time; a warning older
+            # than the look-back is not worth announcing.
             decisions = [
                 d
-                for d in self.book.decide(window, self.intervals)
-                if (d.expires_at or d.window_end + self.policy.lookback_s) > now
+                for d in self.book.decide(window, self.intervals, decided_at=now)
+                if d.expires_at is not None or d.window_end + self.policy.lookback_s > now
             ]
             for decision in decisions:
                 await self._announce(decision)

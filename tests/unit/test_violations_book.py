@@ -146,10 +146,14 @@ def test_records_flushed_after_a_kafka_outage_are_judged_in_their_window() -> No
         for i, (e, at) in enumerate(_flushed_after_outage(T0, 0, 120))
     ]
     assert set(outcomes) == {"amended"}
-    (window,) = b.due(0, (T0 + WINDOW + 121) * 1000)
+    decided_at = T0 + WINDOW + 121
+    (window,) = b.due(0, decided_at * 1000)
     assert window.amended
-    (decision,) = b.decide(window, {})
+    (decision,) = b.decide(window, {}, decided_at=decided_at)
     assert (decision.tenant, decision.command_id) == ("noisy", expected.command_id)
+    # Its minute of penalty runs from the decision: the outage (longer than the penalty)
+    # does not let the tenant off.
+    assert decision.expires_at == decided_at + 60
     b.closed(window, [decision])
     assert b.due(0, (T0 + WINDOW + 122) * 1000) == []
     # Decided once: a later late record for the same window adds nothing new to decide.
