@@ -233,9 +233,9 @@ def _templates() -> dict[str, tuple[str, bytes, Message]]:
         deadline=now + timedelta(seconds=30),
     )
     return {
-        topology.FLOW_START_QUEUE: (
+        topology.ingress_queue_name(TENANT): (
             topology.COMMANDS,
-            b"flow.start",
+            topology.flow_start_key(TENANT).encode(),
             FlowStartRequested(tenant=TENANT, flow_id="echo", idempotency_key="bad"),
         ),
         topology.EXECUTIONS_QUEUE: (

@@ -303,8 +303,9 @@ def rejection_event(
     **extra: object,
 ) -> StatusEvent:
     """The `<entity>.rejected` event for a bad message. Cannot fail: every field is either
-    ours or checked first. Its tenant is the hint when valid, else the broker-validated user
-    when that is a tenant id, else the tenant whose queue it came from."""
+    ours or checked first. Its tenant is the hint when valid, else the tenant whose queue it
+    came from (the broker routed it there), else the broker-validated user when that is a
+    tenant id."""
     data: dict[str, object] = {
         "queue": queue,
         "reason": safe_text(reason, 100).strip("'"),
@@ -316,9 +317,7 @@ def rejection_event(
         data["message_id"] = message_id
     elif incoming.message_id is not None:
         data["message_id_invalid"] = safe_text(incoming.message_id)
-    candidates = [tenant, incoming.user_id]
-    if queue.startswith(topology.TENANT_QUEUE_PREFIX):
-        candidates.append(queue.removeprefix(topology.TENANT_QUEUE_PREFIX))
+    candidates = [tenant, topology.queue_tenant(queue), incoming.user_id]
     owner = next((c for c in candidates if isinstance(c, str) and _TENANT.fullmatch(c)), None)
     if owner is None or not (isinstance(flow, str) and _TENANT.fullmatch(flow)):
         flow = None

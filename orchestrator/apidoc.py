@@ -14,6 +14,7 @@ import schemas as schemas_package
 from orchestrator import topology
 from schemas.catalog import DOCUMENTS, MESSAGES
 from schemas.common import Contract
+from schemas.executions import FlowStartRequested
 from schemas.steps import StepTask
 from schemas.usage import UsageEvent
 
@@ -127,11 +128,20 @@ def asyncapi() -> dict[str, Any]:
     bindings_by_queue: dict[str, list[topology.Binding]] = {}
     for binding in topology.TOPOLOGY.bindings:
         bindings_by_queue.setdefault(binding.queue, []).append(binding)
-    consumed = [*topology.TOPOLOGY.queues, topology.tenant_queue("{tenant}")]
+    # Per-tenant queues, declared when a tenant is registered: documented once, by pattern.
+    per_tenant = {
+        topology.tenant_queue_name("{tenant}"): (StepTask.message_type,),
+        topology.ingress_queue_name("{tenant}"): (FlowStartRequested.message_type,),
+    }
+    consumed = [
+        *topology.TOPOLOGY.queues,
+        topology.tenant_queue("{tenant}"),
+        topology.ingress_queue("{tenant}"),
+    ]
     for queue in consumed:
-        types = tuple(t for b in bindings_by_queue.get(queue.name, []) for t in b.messages) or (
-            (StepTask.message_type,) if queue.name.startswith("fq.") else ()
-        )
+        types = tuple(
+            t for b in bindings_by_queue.get(queue.name, []) for t in b.messages
+        ) or per_tenant.get(queue.name, ())
         channel_id = _key(queue.name)
         channels[channel_id] = {
             "address": queue.name,

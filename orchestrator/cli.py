@@ -3,25 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import json
 import logging
 import uuid
 from datetime import UTC, datetime, timedelta
-from enum import IntEnum
 from pathlib import Path
 from typing import Annotated, Any
 
 import redis.asyncio as aioredis
 import typer
 from aio_pika.abc import AbstractRobustConnection
-from rich.console import Console
 from rich.table import Table
 
-from orchestrator import apidoc, kafka, runtime, store, topology
+from orchestrator import accounts_cli, apidoc, kafka, runtime, store, topology
+from orchestrator.accounts import ManagementError, Role, user_of
 from orchestrator.amqp import connect, open_channel, publish
+from orchestrator.cliutil import ExitCode, console, err_console, settings_or_exit
 from orchestrator.clock import SystemClock, from_ms
-from orchestrator.config import ConfigError, Settings, load_settings
+from orchestrator.config import Settings
 from orchestrator.dispatcher.service import Dispatcher
 from orchestrator.engine.service import Engine
 from orchestrator.flowfiles import FlowFileError, load_flow_files
@@ -32,20 +33,11 @@ from orchestrator.store.admission import AdmissionStore
 from orchestrator.store.flows import FlowRegistry
 from orchestrator.store.tenants import TenantStore
 from orchestrator.store.workers import live_workers
-from orchestrator.telemetry import configure_logging
 from orchestrator.violations.policy import PolicyError, load_policy
 from orchestrator.violations.service import ViolationsConsumer
 from schemas import FlowStartRequested, PenaltyCommand, QuarantineCommand, ReleaseCommand
 from workers import Worker
 from workers import builtin as _builtin_steps  # noqa: F401 - registers the demo.* step types
-
-
-class ExitCode(IntEnum):
-    OK = 0
-    FAILURE = 1  # the command ran and found a problem (broker down, stale files)
-    USAGE = 2  # bad arguments or input files (typer uses 2 for usage errors too)
-    CONFIG = 78  # EX_CONFIG from sysexits.h: an ORCH_* variable is invalid
-
 
 app = typer.Typer(
     help="A fair, message-driven flow orchestrator.", no_args_is_help=True, add_completion=False
@@ -58,21 +50,12 @@ app.add_typer(workers_app, name="workers")
 tenants_app = typer.Typer(help="Tenant weights, penalties and quarantines.", no_args_is_help=True)
 app.add_typer(tenants_app, name="tenants")
 app.add_typer(topology_app, name="topology")
+app.add_typer(accounts_cli.accounts_app, name="accounts")
+tenants_app.command("provision")(accounts_cli.tenants_provision)
+tenants_app.command("rotate-secret")(accounts_cli.tenants_rotate_secret)
+tenants_app.command("revoke")(accounts_cli.tenants_revoke)
 app.add_typer(schemas_app, name="schemas")
 app.add_typer(flows_app, name="flows")
-
-console = Console()
-err_console = Console(stderr=True, soft_wrap=True)  # error lines stay whole for grep
-
-
-def settings_or_exit() -> Settings:
-    try:
-        settings = load_settings()
-    except ConfigError as exc:
-        err_console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(ExitCode.CONFIG) from None
-    configure_logging(settings.log_level, settings.log_format)
-    return settings
 
 
 async def _apply_topology(settings: Settings) -> list[str]:
@@ -109,6 +92,9 @@ def up(
         Path | None,
         typer.Option("--policy", help="also run the violations consumer with this policy"),
     ] = None,
+    accounts_dir: Annotated[
+        Path, typer.Option("--accounts", help="where the service accounts' files go")
+    ] = accounts_cli.DEFAULT_DIR,
 ) -> None:
     """Development mode: checks the brokers, applies the topology, then runs a scheduler, an
     engine, a dispatcher, a worker (and with --policy the violations consumer) in this one
@@ -130,6 +116,12 @@ def up(
         f"topology applied: {len(lines)} objects declared; "
         f"{settings.usage_topic}: {partitions} partition(s)"
     )
+    try:
+        accounts_cli.provision_services(settings, accounts_dir)
+    except (ManagementError, OSError) as exc:
+        err_console.print(f"[red]error:[/red] provisioning the service accounts failed: {exc}")
+        raise typer.Exit(ExitCode.FAILURE) from None
+    console.print(f"service accounts in {accounts_dir}/ (each process runs with its own)")
     console.print("[green]orchestrator is up[/green]: RabbitMQ, Kafka and Redis answer.")
     if check_only:
         return
@@ -137,18 +129,35 @@ def up(
     async def everything(
         redis: aioredis.Redis, connection: AbstractRobustConnection, stop: asyncio.Event
     ) -> None:
-        async with Worker(settings, connection, redis, concurrency=concurrency) as worker:
-            await asyncio.gather(
-                Scheduler(settings, redis, connection).run(stop),
-                Engine(settings, redis, connection).run(stop),
-                Dispatcher(settings, redis, connection).run(stop),
-                worker.run(stop),
-                *(
-                    [ViolationsConsumer(settings, redis, connection).run(stop)]
-                    if policy_file is not None
-                    else []
-                ),
-            )
+        # Each service on its own connection with its own account, as in production: dev
+        # exercises the production permissions.
+        roles: list[Role] = ["scheduler", "engine", "dispatcher", "worker", "violations"]
+        connections: dict[str, AbstractRobustConnection] = {}
+        try:
+            for role in roles:
+                env = accounts_cli.service_env(accounts_dir, role)
+                role_settings = settings.model_copy(
+                    update={"rabbitmq_url": env.get("ORCH_RABBITMQ_URL", settings.rabbitmq_url)}
+                )
+                connections[role] = await connect(role_settings, f"orchestrator-up-{role}")
+            async with Worker(
+                settings, connections["worker"], redis, concurrency=concurrency
+            ) as worker:
+                await asyncio.gather(
+                    Scheduler(settings, redis, connections["scheduler"]).run(stop),
+                    Engine(settings, redis, connections["engine"]).run(stop),
+                    Dispatcher(settings, redis, connections["dispatcher"]).run(stop),
+                    worker.run(stop),
+                    *(
+                        [ViolationsConsumer(settings, redis, connections["violations"]).run(stop)]
+                        if policy_file is not None
+                        else []
+                    ),
+                )
+        finally:
+            for opened in connections.values():
+                with contextlib.suppress(Exception):
+                    await opened.close()
 
     running = "scheduler, engine, dispatcher, worker" + (
         ", violations consumer" if policy_file is not None else ""
@@ -651,7 +660,10 @@ def flows_trigger(
     async def send() -> None:
         connection = await connect(settings, "orchestrator-cli")
         async with connection:
-            await publish(await open_channel(connection), request)
+            # Signed with this account (RabbitMQ checks user_id): an operator account may
+            # start any tenant's flows, a tenant account its own.
+            user = user_of(str(settings.rabbitmq_url))
+            await publish(await open_channel(connection), request, user_id=user)
 
     asyncio.run(send())
     typer.echo(f"{flow}: start requested (idempotency key {request.idempotency_key})")

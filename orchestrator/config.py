@@ -72,8 +72,24 @@ class Settings(BaseSettings):
     violations_instance_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,100}$")] | None = None
     # Finished executions stay readable in Redis this long (status, outputs), then expire.
     execution_ttl_s: Annotated[int, Field(ge=60, le=90 * 86_400)] = 7 * 86_400
-    # Refuse flow-start requests without an AMQP user_id (the broker-validated tenant).
-    require_auth: bool = False
+    # Flow-start requests must carry an AMQP user_id (RabbitMQ checks it is the publishing
+    # account's): a tenant account starts its own flows, an operator account anybody's.
+    require_auth: bool = True
+    # Every account's name starts with this (orchestrator.accounts): tenant T's account is
+    # `<prefix>tenant.T`, the operator's `<prefix>operator`.
+    account_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{0,64}$")] = "orchestrator."
+    # More accounts that may start any tenant's flows (comma-separated), besides the operator.
+    # `guest` is RabbitMQ's default administrator (it may only log in from localhost), so a
+    # development broker works unprovisioned; a production broker has no guest.
+    operator_users: str = "guest"
+    # Flow starts per tenant: a burst this large, then this many a second (0: unlimited).
+    # Beyond it, requests are refused with reason `rate_limited` (announced, not queued).
+    ingress_rate_per_s: Annotated[float, Field(ge=0, le=1_000_000)] = 100.0
+    ingress_burst: Annotated[int, Field(ge=1, le=10_000_000)] = 1_000
+    # Flow-start requests of one tenant a scheduler replica handles at once (the prefetch of
+    # each tenant's ingress queue): small, so a flooding tenant holds a small share of the
+    # replica while another tenant's request is handled at once.
+    ingress_prefetch: Annotated[int, Field(ge=1, le=1000)] = 4
 
     # A process rides out broker outages (consumers hold their messages and retry, loops wait)
     # and exits with code 69 (EX_UNAVAILABLE) only when one lasts longer than this.
@@ -92,6 +108,11 @@ class Settings(BaseSettings):
         if not servers or bad:
             raise ValueError(f"expected host:port[,host:port...], got {value!r}")
         return ",".join(servers)
+
+    @property
+    def operator_accounts(self) -> frozenset[str]:
+        extra = {u.strip() for u in self.operator_users.split(",") if u.strip()}
+        return frozenset({f"{self.account_prefix}operator", *extra})
 
     @property
     def kafka_servers(self) -> list[str]:

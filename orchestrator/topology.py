@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from aio_pika.abc import AbstractChannel, AbstractQueue, ExchangeType
+from aiormq.exceptions import ChannelNotFoundEntity
 
 from schemas import (
     ExecutionRequested,
@@ -139,7 +140,6 @@ EXCHANGES = (
     Exchange(DEAD_LETTERS, ExchangeType.DIRECT, "Dead letters, keyed by the queue they came from."),
 )
 
-FLOW_START_QUEUE = "scheduler.flow-start"
 EXECUTIONS_QUEUE = "engine.executions"
 RESULTS_QUEUE = "engine.results"
 CONTROL_QUEUE = "control.commands"
@@ -158,10 +158,43 @@ def express_queue_name(pool: str) -> str:
 
 
 TENANT_QUEUE_PREFIX = "fq."
+INGRESS_QUEUE_PREFIX = "ingress."
+# A tenant's flow-start requests queue apart from everyone else's, so a tenant that floods
+# them delays only itself; the scheduler consumes every registered tenant's queue.
+INGRESS_MAX_LENGTH = 10_000
+
+
+def flow_start_key(tenant: str) -> str:
+    """The routing key of tenant T's flow-start requests. Tenant accounts may publish with
+    their own key only (topic permissions), so the key names the sender's tenant."""
+    return f"flow.start.{tenant}"
+
+
+def ingress_queue_name(tenant: str) -> str:
+    return f"{INGRESS_QUEUE_PREFIX}{tenant}"
+
+
+def ingress_queue(tenant: str) -> Queue:
+    """Tenant T's flow-start requests; declared when the tenant is registered. A publish
+    beyond the bound is refused (nack), so a flood pushes back on its publisher."""
+    return Queue(
+        ingress_queue_name(tenant),
+        f"Flow-start requests of tenant {tenant}.",
+        consumer="scheduler",
+        max_length=INGRESS_MAX_LENGTH,
+    )
 
 
 def tenant_queue_name(tenant: str) -> str:
     return f"{TENANT_QUEUE_PREFIX}{tenant}"
+
+
+def queue_tenant(queue: str) -> str | None:
+    """The tenant a per-tenant queue (fq.T, ingress.T, or their DLQs) belongs to."""
+    for prefix in (TENANT_QUEUE_PREFIX, INGRESS_QUEUE_PREFIX):
+        if queue.startswith(prefix):
+            return queue.removeprefix(prefix).removesuffix(DLQ_SUFFIX)
+    return None
 
 
 def tenant_queue(tenant: str) -> Queue:
@@ -176,7 +209,6 @@ def tenant_queue(tenant: str) -> Queue:
 
 def build_topology(pools: tuple[str, ...] = (DEFAULT_POOL,)) -> Topology:
     queues = [
-        Queue(FLOW_START_QUEUE, "Flow-start requests from other services.", consumer="scheduler"),
         Queue(EXECUTIONS_QUEUE, "Admitted executions for the engine.", consumer="engine"),
         Queue(RESULTS_QUEUE, "Step results from workers.", consumer="engine"),
         Queue(
@@ -211,7 +243,6 @@ def build_topology(pools: tuple[str, ...] = (DEFAULT_POOL,)) -> Topology:
         ),
     ]
     bindings = [
-        Binding(COMMANDS, FLOW_START_QUEUE, "flow.start", (FlowStartRequested.message_type,)),
         Binding(
             COMMANDS, EXECUTIONS_QUEUE, "execution.requested", (ExecutionRequested.message_type,)
         ),
@@ -252,7 +283,9 @@ class Route:
 
 
 ROUTES: dict[type[Message], Route] = {
-    FlowStartRequested: Route(COMMANDS, "flow.start", lambda m: "flow.start", "other services"),
+    FlowStartRequested: Route(
+        COMMANDS, "flow.start.{tenant}", lambda m: flow_start_key(m.tenant), "tenants, operators"
+    ),
     ExecutionRequested: Route(
         COMMANDS, "execution.requested", lambda m: "execution.requested", "scheduler"
     ),
@@ -291,33 +324,65 @@ def route(message: Message) -> tuple[str, str, bool]:
     return spec.exchange, spec.routing_key(message), spec.mandatory
 
 
-async def apply(channel: AbstractChannel, topology: Topology = TOPOLOGY) -> list[str]:
-    """Declares everything, idempotently. Returns one line per declared object."""
+async def apply(
+    channel: AbstractChannel, topology: Topology = TOPOLOGY, *, role: str | None = None
+) -> list[str]:
+    """Declares everything (the operator's `topology apply`), or with `role` only the queues
+    that process type consumes, with their DLQs and bindings: services may not declare
+    exchanges (their accounts cannot, see orchestrator.accounts), so the exchanges must exist;
+    `TopologyMissing` says so when one does not. Idempotent. One line per declared object."""
     declared: list[str] = []
-    for exchange in topology.exchanges:
-        await channel.declare_exchange(exchange.name, exchange.kind, durable=True)
-        declared.append(f"exchange {exchange.name} ({exchange.kind.value})")
+    if role is None:
+        for exchange in topology.exchanges:
+            await channel.declare_exchange(exchange.name, exchange.kind, durable=True)
+            declared.append(f"exchange {exchange.name} ({exchange.kind.value})")
+    owned = {q.name for q in topology.queues if role is None or q.consumer == role}
+    owned |= {q.dlq for q in topology.queues if q.name in owned and q.dead_letter}
     queues: dict[str, AbstractQueue] = {}
-    for queue in topology.queues:
-        queues[queue.name] = await declare_queue(channel, queue)
-        declared.append(f"queue    {queue.name} {_describe_args(queue.arguments())}")
-    for binding in topology.bindings:
-        await queues[binding.queue].bind(binding.exchange, routing_key=binding.routing_key)
-        declared.append(f"binding  {binding.exchange} --{binding.routing_key}--> {binding.queue}")
+    try:
+        for queue in topology.queues:
+            if queue.name in owned:
+                queues[queue.name] = await declare_queue(channel, queue)
+                declared.append(f"queue    {queue.name} {_describe_args(queue.arguments())}")
+        for binding in topology.bindings:
+            if binding.queue in owned:
+                await queues[binding.queue].bind(binding.exchange, routing_key=binding.routing_key)
+                declared.append(
+                    f"binding  {binding.exchange} --{binding.routing_key}--> {binding.queue}"
+                )
+    except ChannelNotFoundEntity as exc:
+        raise TopologyMissing(
+            f"{exc}: the exchanges are missing; run `orchestrator topology apply` "
+            "(or `orchestrator accounts provision`) as the operator first"
+        ) from None
     return declared
+
+
+class TopologyMissing(Exception):
+    """A service started before the operator declared the exchanges."""
 
 
 async def declare_queue(channel: AbstractChannel, queue: Queue) -> AbstractQueue:
     return await channel.declare_queue(queue.name, durable=True, arguments=queue.arguments())
 
 
-async def declare_tenant_queue(channel: AbstractChannel, tenant: str) -> None:
-    """Declares fq.<tenant> with its DLQ and binds it; safe to call again."""
-    queue = tenant_queue(tenant)
+async def _declare_with_dlq(
+    channel: AbstractChannel, queue: Queue, exchange: str, routing_key: str
+) -> None:
     dlq = await declare_queue(channel, Queue(queue.dlq, "", consumer="operator", dead_letter=False))
     await dlq.bind(DEAD_LETTERS, routing_key=queue.name)
     declared = await declare_queue(channel, queue)
-    await declared.bind(STEPS, routing_key=tenant)
+    await declared.bind(exchange, routing_key=routing_key)
+
+
+async def declare_tenant_queue(channel: AbstractChannel, tenant: str) -> None:
+    """Declares fq.<tenant> with its DLQ and binds it; safe to call again."""
+    await _declare_with_dlq(channel, tenant_queue(tenant), STEPS, tenant)
+
+
+async def declare_ingress_queue(channel: AbstractChannel, tenant: str) -> None:
+    """Declares ingress.<tenant> with its DLQ, bound to its flow-start key; safe to repeat."""
+    await _declare_with_dlq(channel, ingress_queue(tenant), COMMANDS, flow_start_key(tenant))
 
 
 def _describe_args(args: dict[str, Any]) -> str:

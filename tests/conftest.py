@@ -135,6 +135,10 @@ def vhost(broker_urls: BrokerUrls, management: Management) -> Iterator[str]:
     )
     yield name
     management.request("DELETE", f"/vhosts/{quoted}")
+    users = management.request("GET", "/users")
+    for found in users if isinstance(users, list) else []:
+        if str(found.get("name", "")).startswith(f"{name}."):
+            management.request("DELETE", f"/users/{urllib.parse.quote(found['name'], safe='')}")
 
 
 @pytest.fixture(scope="session")
@@ -148,6 +152,10 @@ def settings(broker_urls: BrokerUrls, vhost: str) -> Settings:
         kafka_bootstrap=broker_urls.kafka,
         redis_url=broker_urls.redis,  # type: ignore[arg-type]
         redis_prefix=f"test:{vhost}:",
+        # Accounts this session provisions are its own; deleted at its end.
+        account_prefix=f"{vhost}.",
+        # Tests publish flow starts unsigned unless they test authentication.
+        require_auth=False,
     )
 
 

@@ -166,7 +166,7 @@ class Worker:
         # queues each gets its part, and the slots semaphore keeps the true concurrency.
         prefetch = -(-self.concurrency // len(self.queues)) if self.queues else self.concurrency
         self._channel = await open_channel(self.connection, prefetch=prefetch)
-        await topology.apply(self._channel, topology.build_topology((self.pool,)))
+        await topology.apply(self._channel, topology.build_topology((self.pool,)), role="worker")
         await self.usage.start()
         return self
 

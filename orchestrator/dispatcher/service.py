@@ -164,7 +164,7 @@ class Dispatcher:
     async def run(self, stop: asyncio.Event) -> None:
         self._stop = stop
         self._control = await open_channel(self.connection, prefetch=32)
-        await topology.apply(self._control)
+        await topology.apply(self._control, role="dispatcher")
         control: Consumer[Any] = Consumer(
             topology.CONTROL_QUEUE,
             lambda incoming: decode_any(incoming, CONTROL_COMMANDS),

@@ -66,7 +66,7 @@ class Engine:
     # ------------------------------------------------------------------ process
     async def run(self, stop: asyncio.Event) -> None:
         channel = await self.channel()
-        await topology.apply(channel)
+        await topology.apply(channel, role="engine")
         consumers: list[Consumer[Any]] = [
             Consumer(
                 topology.EXECUTIONS_QUEUE,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import random
 import socket
@@ -16,6 +17,7 @@ from prometheus_client import Counter, Histogram
 from pydantic import ValidationError
 
 from orchestrator import topology
+from orchestrator.accounts import tenant_of_user
 from orchestrator.amqp import InvalidMessage, decode, open_channel, publish, rejection_id, valid_id
 from orchestrator.clock import Clock, SystemClock, from_ms, to_ms
 from orchestrator.config import Settings
@@ -24,7 +26,13 @@ from orchestrator.outage import OUTAGES, dependency_of, sleep_unless
 from orchestrator.scheduler.cron import CronSchedule
 from orchestrator.scheduler.ticks import plan_ticks
 from orchestrator.store import Keys, member
-from orchestrator.store.admission import Admission, AdmissionStore, Claim, idempotency_digest
+from orchestrator.store.admission import (
+    Admission,
+    AdmissionStore,
+    Claim,
+    RateLimit,
+    idempotency_digest,
+)
 from orchestrator.store.flows import FlowRegistry, jitter_ms
 from orchestrator.telemetry import bound_context, get_logger
 from schemas import ExecutionRequested, FlowDefinition, FlowStartRequested, StatusEvent
@@ -44,7 +52,7 @@ REPORT_LIMIT = 100
 # Back-off of the tick loop while Redis or RabbitMQ is away: doubling, capped.
 RETRY_DELAY_S = 0.5
 MAX_RETRY_DELAY_S = 5.0
-FLOW_START_PREFETCH = 32
+INGRESS_REFRESH_S = 1.0
 DEFINITION_CACHE_SIZE = 20_000
 # Ticks due within this window are claimed and planned ahead, then fired on time.
 LOOKAHEAD_MS = 250
@@ -100,35 +108,71 @@ class Scheduler:
         self._schedules: dict[tuple[str, str], CronSchedule] = {}
         self._definitions: dict[str, FlowDefinition] = {}
         self._channel: AbstractChannel | None = None
+        self._ingress: dict[str, Consumer[FlowStartRequested]] = {}
+        self.operators = settings.operator_accounts
+        self.rate = RateLimit(settings.ingress_rate_per_s, settings.ingress_burst)
 
     async def channel(self) -> AbstractChannel:
         if self._channel is None or self._channel.is_closed:
-            self._channel = await open_channel(self.connection, prefetch=FLOW_START_PREFETCH)
+            self._channel = await open_channel(
+                self.connection, prefetch=self.settings.ingress_prefetch
+            )
         return self._channel
 
     # ------------------------------------------------------------------ process
     async def run(self, stop: asyncio.Event, ingress: bool = True) -> None:
         """Fires ticks (and consumes flow-start requests) until `stop` is set."""
         channel = await self.channel()
-        await topology.apply(channel)
-        ingress_consumer = None
+        await topology.apply(channel, role="scheduler")
+        watcher = None
         if ingress:
-            ingress_consumer = Consumer(
-                topology.FLOW_START_QUEUE,
-                lambda incoming: decode(incoming, FlowStartRequested),
-                self.handle_flow_start,
-                stop=stop,
-                retry_limit_s=self.settings.outage_limit_s,
-                entity="flow_start",
-            )
-            await ingress_consumer.start(channel)
+            await self.refresh_ingress(stop)
+            watcher = asyncio.create_task(self._ingress_loop(stop))
         log.info("scheduler.started", replica=self.replica)
         try:
             await self._tick_loop(stop)
         finally:
-            if ingress_consumer is not None:
-                await ingress_consumer.cancel()
+            if watcher is not None:
+                watcher.cancel()
+                await asyncio.gather(watcher, return_exceptions=True)
+            for consumer in self._ingress.values():
+                await consumer.cancel()
             log.info("scheduler.stopped", replica=self.replica)
+
+    # ------------------------------------------------------------------ ingress queues
+    async def refresh_ingress(self, stop: asyncio.Event) -> None:
+        """Consumes the ingress queue of every registered tenant (declaring it first): each
+        tenant's requests wait in their own queue, each queue has its own prefetch, so one
+        tenant's flood fills only its own share of this replica's attention."""
+        tenants = sorted(str(t) for t in await self.redis.smembers(self.keys.tenants))
+        for tenant in tenants:
+            if tenant in self._ingress:
+                continue
+            channel = await self.channel()
+            await topology.declare_ingress_queue(channel, tenant)
+            consumer = Consumer(
+                topology.ingress_queue_name(tenant),
+                lambda incoming: decode(incoming, FlowStartRequested),
+                functools.partial(self.handle_flow_start, queue_tenant=tenant),
+                stop=stop,
+                retry_limit_s=self.settings.outage_limit_s,
+                entity="flow_start",
+            )
+            await consumer.start(channel)
+            self._ingress[tenant] = consumer
+
+    async def _ingress_loop(self, stop: asyncio.Event) -> None:
+        """Newly registered tenants get their ingress consumed within a second."""
+        while not stop.is_set():
+            await sleep_unless(stop, INGRESS_REFRESH_S)
+            try:
+                await self.refresh_ingress(stop)
+            except Exception as exc:
+                dependency = dependency_of(exc)
+                if dependency is None:
+                    log.exception("scheduler.ingress_refresh_failed")
+                else:
+                    OUTAGES.failed(dependency, exc)
 
     async def _tick_loop(self, stop: asyncio.Event) -> None:
         """Rounds until stopped. A Redis or RabbitMQ outage costs rounds, never the loop: it
@@ -385,26 +429,49 @@ class Scheduler:
             TICKS.labels("promoted").inc()
 
     # ------------------------------------------------------------------ flow-start ingress
-    async def handle_flow_start(
-        self, request: FlowStartRequested, incoming: AbstractIncomingMessage
+    def _authorize(
+        self, request: FlowStartRequested, incoming: AbstractIncomingMessage, queue_tenant: str
     ) -> None:
-        """Admits one decoded flow-start request. Bad requests raise InvalidMessage (the
-        consumer skeleton announces and dead-letters them); policy refusals are announced and
-        acked here."""
+        """The request's tenant is the authenticated one: a tenant account starts its own
+        flows, an operator account anybody's. RabbitMQ has checked `user_id` against the
+        publishing connection's account; without one the sender is unknown."""
         tenant = request.tenant
-        if incoming.user_id:
-            # RabbitMQ has checked user_id against the publishing connection's user.
-            if incoming.user_id != request.tenant:
-                detail = (
-                    f"user {incoming.user_id!r} may not start flows of tenant {request.tenant!r}"
-                )
+        user = incoming.user_id
+        if tenant != queue_tenant:
+            detail = f"a request for tenant {tenant!r} on the ingress of {queue_tenant!r}"
+            FLOW_STARTS.labels("forbidden").inc()
+            raise InvalidMessage("forbidden", detail, tenant=queue_tenant)
+        if user:
+            owner = tenant_of_user(user, self.settings.account_prefix)
+            if owner != tenant and user not in self.operators:
+                detail = f"account {user!r} may not start flows of tenant {tenant!r}"
                 FLOW_STARTS.labels("forbidden").inc()
-                raise InvalidMessage("forbidden", detail)
+                raise InvalidMessage("forbidden", detail, tenant=tenant)
         elif self.settings.require_auth:
             detail = "the request has no AMQP user_id and authentication is required"
             FLOW_STARTS.labels("unauthenticated").inc()
             raise InvalidMessage("unauthenticated", detail, tenant=tenant)
+
+    async def handle_flow_start(
+        self,
+        request: FlowStartRequested,
+        incoming: AbstractIncomingMessage,
+        *,
+        queue_tenant: str | None = None,
+    ) -> None:
+        """Admits one decoded flow-start request. Bad requests raise InvalidMessage (the
+        consumer skeleton announces and dead-letters them); policy refusals (rate limited,
+        paused, quarantined...) are announced and acked here."""
+        tenant = request.tenant
+        self._authorize(request, incoming, queue_tenant or tenant)
         with bound_context(tenant=tenant, flow=request.flow_id):
+            if not await self.rate.take(self.admission, tenant, to_ms(self.clock.now())):
+                detail = (
+                    f"more than {self.rate.burst} flow starts at once or "
+                    f"{self.rate.per_s:g}/s for tenant {tenant!r}"
+                )
+                await self._refuse(incoming, "rate_limited", detail, None, tenant=tenant)
+                return
             definition = await self.flows.get(tenant, request.flow_id)
             if definition is None:
                 detail = f"tenant {tenant!r} has no flow {request.flow_id!r}"
@@ -482,14 +549,18 @@ class Scheduler:
         incoming: AbstractIncomingMessage,
         reason: str,
         detail: str,
-        definition: FlowDefinition,
+        definition: FlowDefinition | None,
+        *,
+        tenant: str | None = None,
     ) -> None:
-        """A valid request that policy refuses (paused, quarantined, running): announced, then
-        acked by the consumer. Not a dead letter: the same request may succeed later."""
+        """A valid request that policy refuses (rate limited, paused, quarantined, running):
+        announced, then acked by the consumer. Not a dead letter: the same request may
+        succeed later."""
         FLOW_STARTS.labels(reason).inc()
-        data = {"reason": reason, "detail": detail, "queue": topology.FLOW_START_QUEUE}
+        queue = topology.ingress_queue_name(definition.tenant if definition else str(tenant))
+        data = {"reason": reason, "detail": detail, "queue": queue}
         if (message_id := valid_id(incoming.message_id)) is not None:
             data["message_id"] = message_id
-        key = rejection_id(topology.FLOW_START_QUEUE, incoming)
-        await self._status("flow_start", "rejected", definition, key, data)
+        key = rejection_id(queue, incoming)
+        await self._status("flow_start", "rejected", definition, key, data, tenant=tenant)
         log.info("flow_start.rejected", reason=reason, detail=detail)

@@ -50,6 +50,8 @@ class Keys:
         self.nominal = f"{prefix}nominal"  # hash member -> nominal fire time (epoch ms)
         self.buffered_index = f"{prefix}buffered"  # set of members with a waiting execution
         self.workers = f"{prefix}workers"  # set of worker ids (the registry's index)
+        # Registered tenants: those with flows (or configuration). Only they have queues.
+        self.tenants = f"{prefix}tenants"
 
     def worker(self, worker_id: str) -> str:
         """A worker's heartbeat entry; it expires when the worker stops beating."""
@@ -69,6 +71,10 @@ class Keys:
 
     def idempotency(self, member: str, key_digest: str) -> str:
         return f"{self.prefix}idem:{member}:{key_digest}"
+
+    def ingress_rate(self, tenant: str) -> str:
+        """The tenant's flow-start token bucket (expires when full again)."""
+        return f"{self.prefix}ingress-rate:{tenant}"
 
     def quarantine(self, tenant: str, flow: str | None = None) -> str:
         target = tenant if flow is None else f"{tenant}/{flow}"

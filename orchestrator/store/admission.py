@@ -117,6 +117,36 @@ def idempotency_digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
+# A token bucket: KEYS[1] hash {tokens, at}; ARGV rate per ms, burst, now ms, expiry ms.
+# Returns 1 when a token was taken. The key expires once the bucket would be full again, so
+# idle tenants cost nothing.
+_TAKE = """
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'at')
+local rate, burst, now = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local tokens, at = tonumber(state[1]), tonumber(state[2])
+if not tokens then tokens, at = burst, now end
+tokens = math.min(burst, tokens + math.max(0, now - at) * rate)
+local taken = 0
+if tokens >= 1 then tokens = tokens - 1; taken = 1 end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at', tostring(now))
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+return taken
+"""
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """Flow starts a tenant may make: `burst` at once, then `per_s` a second (0: no limit)."""
+
+    per_s: float
+    burst: int
+
+    async def take(self, store: AdmissionStore, tenant: str, now_ms: int) -> bool:
+        if self.per_s <= 0:
+            return True
+        return await store.take_token(tenant, self.per_s, self.burst, now_ms)
+
+
 class AdmissionStore:
     def __init__(self, redis: aioredis.Redis, keys: Keys) -> None:
         self.redis = redis
@@ -129,6 +159,16 @@ class AdmissionStore:
         self._release = redis.register_script(RELEASE_IF_OWNER)
         self._extend = redis.register_script(EXTEND_IF_OWNER)
         self._request = redis.register_script(_REQUEST)
+        self._take = redis.register_script(_TAKE)
+
+    async def take_token(self, tenant: str, per_s: float, burst: int, now_ms: int) -> bool:
+        """One token of the tenant's flow-start bucket (see RateLimit)."""
+        refill_ms = int(burst / per_s * 1000) + 1000
+        taken = await self._take(
+            keys=[self.keys.ingress_rate(tenant)],
+            args=[per_s / 1000, burst, now_ms, refill_ms],
+        )
+        return bool(taken)
 
     async def due(self, now_ms: int, limit: int) -> list[tuple[str, int]]:
         entries = await self.redis.zrangebyscore(

@@ -77,6 +77,7 @@ class FlowRegistry:
                             continue
                         pipe.set(key, definition.model_dump_json())
                         pipe.sadd(self.keys.flows, flow_member)
+                        pipe.sadd(self.keys.tenants, definition.tenant)
                         if outcome in ("created", "rescheduled"):
                             self._schedule(pipe, definition, flow_member, now)
                     await pipe.execute()

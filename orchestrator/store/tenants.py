@@ -37,7 +37,7 @@ class TenantStore:
     def __init__(self, redis: aioredis.Redis, keys: Keys) -> None:
         self.redis = redis
         self.keys = keys
-        self.index = f"{keys.prefix}tenants"
+        self.index = keys.tenants
         self.flow_index = f"{keys.prefix}quarantined-flows"
 
     def _config(self, tenant: str) -> str:

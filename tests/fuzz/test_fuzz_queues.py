@@ -106,7 +106,10 @@ class Target:
 CONTROL_TYPES = ("control.penalty", "control.quarantine", "control.release")
 TARGETS = (
     Target(
-        topology.FLOW_START_QUEUE, topology.COMMANDS, (b"flow.start",), ("flow.start.requested",)
+        topology.ingress_queue_name("acme"),
+        topology.COMMANDS,
+        (topology.flow_start_key("acme").encode(),),
+        ("flow.start.requested",),
     ),
     Target(
         topology.EXECUTIONS_QUEUE,
@@ -1216,6 +1219,7 @@ class Observer:
 
     async def start(self) -> None:
         await topology.declare_tenant_queue(self.channel, "acme")
+        await topology.declare_ingress_queue(self.channel, "acme")
         for name in [*self.dead, topology.COMPLETIONS_QUEUE]:
             await purged(self.channel, name)
         for queue, letters in self.dead.items():

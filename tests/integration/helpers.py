@@ -73,7 +73,9 @@ def body(message: AbstractIncomingMessage) -> dict[str, Any]:
 async def reset_queues(channel: AbstractChannel, tenant: str = "acme") -> None:
     """Empties every queue a step passes through, so a test starts from nothing."""
     await topology.declare_tenant_queue(channel, tenant)
+    await topology.declare_ingress_queue(channel, tenant)
     for name in (
+        topology.ingress_queue_name(tenant),
         topology.EXECUTIONS_QUEUE,
         topology.RESULTS_QUEUE,
         topology.COMPLETIONS_QUEUE,

@@ -18,6 +18,9 @@ def process_env(settings: Settings, **extra: str) -> dict[str, str]:
         "ORCH_REDIS_URL": str(settings.redis_url),
         "ORCH_REDIS_PREFIX": settings.redis_prefix,
         "ORCH_USAGE_TOPIC": settings.usage_topic,
+        "ORCH_REQUIRE_AUTH": str(settings.require_auth).lower(),
+        "ORCH_ACCOUNT_PREFIX": settings.account_prefix,
+        "ORCH_RABBITMQ_MANAGEMENT_URL": settings.rabbitmq_management_url,
         "ORCH_LOG_LEVEL": os.environ.get("ORCH_TEST_PROCESS_LOG_LEVEL", "WARNING"),
         **extra,
     }

@@ -34,7 +34,11 @@ FLOW = {
 
 # queue -> (exchange, routing key, a valid body for it)
 TARGETS: dict[str, tuple[str, str, str]] = {
-    topology.FLOW_START_QUEUE: (topology.COMMANDS, "flow.start", "flow.start.requested"),
+    topology.ingress_queue_name("acme"): (
+        topology.COMMANDS,
+        topology.flow_start_key("acme"),
+        "flow.start.requested",
+    ),
     topology.EXECUTIONS_QUEUE: (
         topology.COMMANDS,
         "execution.requested",
@@ -123,6 +127,7 @@ async def test_bad_messages_on_every_queue_cost_nothing_else(
 ) -> None:
     test_settings = fresh_settings(settings)
     await topology.declare_tenant_queue(channel, "acme")
+    await topology.declare_ingress_queue(channel, "acme")
     dlqs = [name + topology.DLQ_SUFFIX for name in TARGETS]
     for name in [*TARGETS, *dlqs, topology.COMPLETIONS_QUEUE]:
         await purged(channel, name)

@@ -1,5 +1,5 @@
-"""What tenant input can create is bounded: a command naming a tenant without flows creates
-no broker objects, and its Redis keys expire."""
+"""What tenant input can create is bounded: a command or a flow start naming a tenant without
+flows creates no broker objects, and its Redis keys expire."""
 
 from __future__ import annotations
 
@@ -10,12 +10,14 @@ from datetime import UTC, datetime, timedelta
 import aiormq
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
+from aio_pika.exceptions import DeliveryError
 
 from orchestrator import store, topology
 from orchestrator.amqp import publish
 from orchestrator.config import Settings
 from orchestrator.dispatcher.service import Dispatcher
-from schemas import PenaltyCommand
+from orchestrator.scheduler.service import Scheduler
+from schemas import FlowStartRequested, PenaltyCommand
 from tests.integration.helpers import fresh_settings
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -56,4 +58,28 @@ async def test_a_penalty_for_a_tenant_without_flows_creates_no_queue(
         await dispatcher
         async for key in redis.scan_iter(match=f"{test_settings.redis_prefix}*"):
             await redis.delete(key)
+        await redis.aclose()
+
+
+async def test_a_flow_start_for_an_unknown_tenant_is_unroutable_and_creates_nothing(
+    settings: Settings, amqp: AbstractRobustConnection, channel: AbstractChannel
+) -> None:
+    """Ingress queues exist for registered tenants only: a request for any other tenant is
+    returned to its publisher (mandatory), and the scheduler declares nothing for it."""
+    test_settings = fresh_settings(settings)
+    redis = store.connect(test_settings)
+    ghost = f"ghost-{uuid.uuid4().hex[:8]}"
+    stop = asyncio.Event()
+    scheduler = asyncio.create_task(Scheduler(test_settings, redis, amqp).run(stop))
+    try:
+        request = FlowStartRequested(tenant=ghost, flow_id="f", idempotency_key="k")
+        with pytest.raises(DeliveryError):
+            await publish(channel, request)
+        await asyncio.sleep(1.5)  # a refresh of the scheduler's ingress
+        probe = await amqp.channel()
+        with pytest.raises(aiormq.exceptions.ChannelNotFoundEntity):
+            await probe.declare_queue(topology.ingress_queue_name(ghost), passive=True)
+    finally:
+        stop.set()
+        await scheduler
         await redis.aclose()

@@ -3,23 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import uuid
 from pathlib import Path
 
 from orchestrator.config import Settings
+from tests.integration.processes import process_env
 
 
 def _run(settings: Settings, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    environment = {
-        **os.environ,
-        "ORCH_RABBITMQ_URL": str(settings.rabbitmq_url),
-        "ORCH_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-        "ORCH_REDIS_URL": str(settings.redis_url),
-        **env,
-    }
+    environment = process_env(settings, **env)
     return subprocess.run(
         [sys.executable, "-m", "orchestrator", *args],
         capture_output=True,
@@ -43,16 +37,19 @@ def test_check_fails_when_a_broker_is_unreachable(settings: Settings) -> None:
     assert "down" in result.stdout
 
 
-def test_topology_apply_and_up(settings: Settings) -> None:
+def test_topology_apply_and_up(settings: Settings, tmp_path: Path) -> None:
     applied = _run(settings, "topology", "apply")
     assert applied.returncode == 0, applied.stderr
     assert "queue    engine.executions" in applied.stdout
     assert (
         "binding  orchestrator.dlx --engine.executions--> engine.executions.dlq" in applied.stdout
     )
-    up = _run(settings, "up", "--check-only")
+    up = _run(settings, "up", "--check-only", "--accounts", str(tmp_path / "accounts"))
     assert up.returncode == 0, up.stderr
     assert "orchestrator is up" in up.stdout
+    # up provisions the service accounts its processes run with
+    for role in ("scheduler", "engine", "dispatcher", "worker", "violations", "operator"):
+        assert (tmp_path / "accounts" / f"{role}.env").exists(), role
 
 
 def test_flows_apply_validates_everything_before_writing(

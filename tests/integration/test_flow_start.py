@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import urllib.parse
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
@@ -12,7 +11,6 @@ from typing import Any
 import aio_pika
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
-from aio_pika.exceptions import ChannelPreconditionFailed
 
 from orchestrator import store, topology
 from orchestrator.amqp import REASON_HEADER, publish
@@ -20,7 +18,6 @@ from orchestrator.config import Settings
 from orchestrator.scheduler.service import Scheduler
 from orchestrator.store.flows import FlowRegistry
 from schemas import FlowDefinition, FlowStartRequested
-from tests.conftest import BrokerUrls, Management
 from tests.integration.helpers import body, drain, fresh_settings, get_one, purged, status_feed
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -53,11 +50,9 @@ async def running_scheduler(
     await FlowRegistry(redis, store.Keys(test_settings.redis_prefix)).apply(
         [FLOW], datetime.now(UTC)
     )
-    for name in (
-        topology.EXECUTIONS_QUEUE,
-        topology.FLOW_START_QUEUE,
-        topology.FLOW_START_QUEUE + ".dlq",
-    ):
+    await topology.declare_ingress_queue(channel, "acme")
+    ingress = topology.ingress_queue_name("acme")
+    for name in (topology.EXECUTIONS_QUEUE, ingress, ingress + topology.DLQ_SUFFIX):
         await purged(channel, name)
     stop = asyncio.Event()
     scheduler = Scheduler(test_settings, redis, amqp)
@@ -98,7 +93,7 @@ async def test_valid_request_starts_an_execution_once(
 async def _assert_dead_lettered(
     channel: AbstractChannel, reason: str, detail_contains: str
 ) -> dict[str, Any]:
-    dlq = await channel.get_queue(topology.FLOW_START_QUEUE + ".dlq")
+    dlq = await channel.get_queue(topology.ingress_queue_name("acme") + topology.DLQ_SUFFIX)
     dead = await get_one(dlq)
     assert dead.headers[REASON_HEADER] == reason
     assert detail_contains in str(dead.headers["orch-detail"])
@@ -115,12 +110,14 @@ async def test_bad_requests_go_to_the_dlq_with_a_reason(
     await publish(channel, request(flow_id="nope"))
     await _assert_dead_lettered(channel, "unknown_flow", "no flow 'nope'")
 
-    await commands.publish(aio_pika.Message(b"{oops", message_id="m1"), routing_key="flow.start")
+    await commands.publish(
+        aio_pika.Message(b"{oops", message_id="m1"), routing_key=topology.flow_start_key("acme")
+    )
     await _assert_dead_lettered(channel, "malformed_json", "")
 
     wrong_schema = json.dumps({"tenant": "acme", "flow_id": "import", "surprise": True}).encode()
     await commands.publish(
-        aio_pika.Message(wrong_schema, message_id="m2"), routing_key="flow.start"
+        aio_pika.Message(wrong_schema, message_id="m2"), routing_key=topology.flow_start_key("acme")
     )
     headers = await _assert_dead_lettered(channel, "schema_violation", "surprise")
     assert "idempotency_key" in str(headers["orch-detail"])
@@ -131,46 +128,7 @@ async def test_bad_requests_go_to_the_dlq_with_a_reason(
         "malformed_json",
         "schema_violation",
     ]
-    assert events[1]["source"] == "/orchestrator"  # no tenant could be read
+    assert events[1]["source"] == "/tenants/acme"  # the ingress queue it came from
     # The consumer is still running: a valid request goes through.
     await publish(channel, request(key="after-bad-input"))
     assert body(await get_one(executions))["flow_id"] == "import"
-
-
-@pytest.fixture
-async def tenant_connection(
-    broker_urls: BrokerUrls, management: Management, vhost: str, settings: Settings
-) -> AsyncIterator[AbstractRobustConnection]:
-    """A connection authenticated as the RabbitMQ user `acme` (a tenant's own credentials)."""
-    management.request("PUT", "/users/acme", {"password": "acme-secret", "tags": ""})
-    quoted = urllib.parse.quote(vhost, safe="")
-    management.request(
-        "PUT", f"/permissions/{quoted}/acme", {"configure": "", "write": ".*", "read": ""}
-    )
-    url = settings.rabbitmq_url
-    connection = await aio_pika.connect_robust(
-        f"amqp://acme:acme-secret@{url.host}:{url.port}/{quoted}"
-    )
-    yield connection
-    await connection.close()
-    management.request("DELETE", "/users/acme")
-
-
-async def test_authenticated_user_decides_the_tenant(
-    running_scheduler: Settings,
-    channel: AbstractChannel,
-    tenant_connection: AbstractRobustConnection,
-) -> None:
-    executions = await channel.get_queue(topology.EXECUTIONS_QUEUE)
-    tenant_channel = await tenant_connection.channel(publisher_confirms=True)
-    # acme starts its own flow: accepted.
-    await publish(tenant_channel, request(key="auth-1"), user_id="acme")
-    assert body(await get_one(executions))["tenant"] == "acme"
-    # acme asks for globex's flow: the body's tenant is forged, user_id wins.
-    await publish(tenant_channel, request(key="auth-2", tenant="globex"), user_id="acme")
-    await _assert_dead_lettered(channel, "forbidden", "may not start flows of tenant 'globex'")
-    # Claiming to be someone else is refused by RabbitMQ itself.
-    with pytest.raises(ChannelPreconditionFailed):
-        await publish(tenant_channel, request(key="auth-3"), user_id="globex")
-    await asyncio.sleep(0.3)
-    assert await drain(executions) == []

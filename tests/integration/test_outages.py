@@ -147,7 +147,8 @@ async def test_executions_in_flight_through_a_redis_outage_end_exactly_once(
 ) -> None:
     test_settings = fresh_settings(settings)
     await reset_queues(channel)
-    await purged(channel, topology.FLOW_START_QUEUE)
+    await topology.declare_ingress_queue(channel, "acme")
+    await purged(channel, topology.ingress_queue_name("acme"))
     redis = store.connect(test_settings)
     flow = FlowDefinition.model_validate(
         {

@@ -165,10 +165,13 @@ async def test_poison_message_is_dead_lettered_by_the_broker(channel: AbstractCh
 
 
 async def test_rejected_message_is_dead_lettered_by_the_broker(channel: AbstractChannel) -> None:
-    queue = await _drain(channel, topology.FLOW_START_QUEUE)
-    dlq = await _drain(channel, topology.TOPOLOGY.queue(topology.FLOW_START_QUEUE).dlq)
+    await topology.declare_ingress_queue(channel, "acme")
+    queue = await _drain(channel, topology.ingress_queue_name("acme"))
+    dlq = await _drain(channel, topology.ingress_queue("acme").dlq)
     commands = await channel.get_exchange(topology.COMMANDS)
-    await commands.publish(aio_pika.Message(b"x", message_id="reject-1"), "flow.start")
+    await commands.publish(
+        aio_pika.Message(b"x", message_id="reject-1"), topology.flow_start_key("acme")
+    )
     incoming = await _get(queue)
     await incoming.reject(requeue=False)
     dead = await _get(dlq)
