@@ -91,7 +91,10 @@ def tenant_permissions(tenant: str) -> Permissions:
         write=_alt(_q(topology.COMMANDS), own),
         read=_alt(_q(topology.STATUS), own),
         topics={
-            topology.COMMANDS: (_alt(_q(topology.flow_start_key(tenant))), NOTHING),
+            topology.COMMANDS: (
+                _alt(_q(topology.flow_start_key(tenant)), _q(topology.query_key(tenant))),
+                NOTHING,
+            ),
             topology.STATUS: (NOTHING, "^" + _q(f"{tenant}.")),
             topology.CONTROL: (NOTHING, NOTHING),
         },
@@ -114,7 +117,9 @@ _EXCHANGE = {
 }
 _INGRESS = _q(topology.INGRESS_QUEUE_PREFIX) + SLUG
 _FQ = _q(topology.TENANT_QUEUE_PREFIX) + SLUG
-_ENGINE = _alt(_q(topology.EXECUTIONS_QUEUE), _q(topology.RESULTS_QUEUE))[1:-1]
+_ENGINE = _alt(
+    _q(topology.EXECUTIONS_QUEUE), _q(topology.RESULTS_QUEUE), _q(topology.QUERIES_QUEUE)
+)[1:-1]
 _DISPATCHER = "|".join((_q(topology.CONTROL_QUEUE), _q(topology.COMPLETIONS_QUEUE)))
 _WORK = r"work\." + r"[a-z0-9_-]+(\.express)?"
 
@@ -146,10 +151,14 @@ def service_permissions(role: Role) -> Permissions:
         mine = _queues(_ENGINE, _FQ)
         return Permissions(
             configure=_alt(mine),
-            write=_alt(*_x("steps", "status", "dlx"), mine),
+            # amq.default: answers to queries go to the asker's reply_to queue.
+            write=_alt(*_x("steps", "status", "dlx"), r"amq\.default", mine),
             read=_alt(*_x("commands", "steps", "dlx"), mine),
             topics={
-                topology.COMMANDS: (NOTHING, _alt(r"execution\.requested", r"step\.result")),
+                topology.COMMANDS: (
+                    NOTHING,
+                    _alt(r"execution\.requested", r"step\.result", r"query\.\*"),
+                ),
                 topology.CONTROL: (NOTHING, NOTHING),
                 **status_only,
             },

@@ -87,7 +87,7 @@ def to_amqp(
 ) -> aio_pika.Message:
     return aio_pika.Message(
         body=message.to_bytes(),
-        content_type=CONTENT_TYPE,
+        content_type=message.content_type,
         delivery_mode=DeliveryMode.PERSISTENT,
         message_id=message.message_id(),
         type=message.message_type,

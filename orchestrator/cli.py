@@ -15,10 +15,11 @@ from typing import Annotated, Any
 import redis.asyncio as aioredis
 import typer
 from aio_pika.abc import AbstractRobustConnection
+from aio_pika.exceptions import DeliveryError
 from rich.table import Table
 
-from orchestrator import accounts_cli, apidoc, kafka, runtime, store, topology
-from orchestrator.accounts import ManagementError, Role, user_of
+from orchestrator import accounts_cli, apidoc, dlq_cli, kafka, runtime, status_cli, store, topology
+from orchestrator.accounts import ManagementError, Role, tenant_of_user, user_of
 from orchestrator.amqp import connect, open_channel, publish
 from orchestrator.cliutil import ExitCode, console, err_console, settings_or_exit
 from orchestrator.clock import SystemClock, from_ms
@@ -28,7 +29,7 @@ from orchestrator.engine.service import Engine
 from orchestrator.flowfiles import FlowFileError, load_flow_files
 from orchestrator.health import check_all
 from orchestrator.runtime import Body
-from orchestrator.scheduler.service import Scheduler
+from orchestrator.scheduler.service import Scheduler, execution_id_for, request_fire_id
 from orchestrator.store.admission import AdmissionStore
 from orchestrator.store.flows import FlowRegistry
 from orchestrator.store.tenants import TenantStore
@@ -51,6 +52,8 @@ tenants_app = typer.Typer(help="Tenant weights, penalties and quarantines.", no_
 app.add_typer(tenants_app, name="tenants")
 app.add_typer(topology_app, name="topology")
 app.add_typer(accounts_cli.accounts_app, name="accounts")
+app.add_typer(dlq_cli.dlq_app, name="dlq")
+app.add_typer(status_cli.status_app, name="status")
 tenants_app.command("provision")(accounts_cli.tenants_provision)
 tenants_app.command("rotate-secret")(accounts_cli.tenants_rotate_secret)
 tenants_app.command("revoke")(accounts_cli.tenants_revoke)
@@ -639,8 +642,14 @@ def flows_trigger(
         str, typer.Option("--input", help="JSON object merged into the input")
     ] = "{}",
     key: Annotated[str | None, typer.Option(help="idempotency key (default: a new one)")] = None,
+    wait: Annotated[
+        bool, typer.Option(help="print its events until it ends; exit 0 only if it succeeded")
+    ] = False,
+    timeout: Annotated[float, typer.Option(min=0.1, help="--wait gives up after this (s)")] = 300,
 ) -> None:
-    """Starts the flow now, through the same admission as every flow-start request."""
+    """Starts the flow now, through the same admission as every flow-start request, and
+    prints its execution id. With --wait: its events, then exit 0 (succeeded), 1 (refused,
+    failed or compensated) or 124 (timeout)."""
     settings = settings_or_exit()
     tenant, flow_id = _flow_ref(flow)
     try:
@@ -656,17 +665,70 @@ def flows_trigger(
     except (json.JSONDecodeError, ValueError) as exc:
         err_console.print(f"[red]error:[/red] invalid trigger: {exc}")
         raise typer.Exit(ExitCode.USAGE) from None
+    # Execution ids derive from the request, so the id is known before anything ran.
+    execution_id = execution_id_for(request_fire_id(tenant, flow_id, request.idempotency_key))
+    user = user_of(str(settings.rabbitmq_url))
+    json_lines = not console.is_terminal
 
-    async def send() -> None:
+    async def send() -> int:
         connection = await connect(settings, "orchestrator-cli")
         async with connection:
+            events = None
+            if wait:  # subscribed before the request goes out: no event can be missed
+                owner = tenant_of_user(user, settings.account_prefix)
+                patterns = [f"{tenant}.{flow_id}.#", f"{tenant}._.flow_start.rejected"]
+                events = status_cli.follow(connection, patterns, owner)
+                first = asyncio.ensure_future(anext(events))
+                await asyncio.sleep(0.2)  # the subscription is bound
             # Signed with this account (RabbitMQ checks user_id): an operator account may
             # start any tenant's flows, a tenant account its own.
-            user = user_of(str(settings.rabbitmq_url))
-            await publish(await open_channel(connection), request, user_id=user)
+            try:
+                await publish(await open_channel(connection), request, user_id=user)
+            except DeliveryError:
+                err_console.print(
+                    f"[red]error:[/red] nothing takes flow starts of tenant {tenant!r}: "
+                    "it has no flows (or the scheduler has not seen them yet)"
+                )
+                return ExitCode.FAILURE
+            typer.echo(
+                f"{flow}: execution {execution_id} requested (key {request.idempotency_key})"
+            )
+            if events is None:
+                return ExitCode.OK
+            return await _until_ended(first, events, execution_id, request.message_id(), json_lines)
 
-    asyncio.run(send())
-    typer.echo(f"{flow}: start requested (idempotency key {request.idempotency_key})")
+    try:
+        code = asyncio.run(asyncio.wait_for(send(), timeout if wait else None))
+    except TimeoutError:
+        err_console.print(
+            f"[red]error:[/red] execution {execution_id} did not end in {timeout:g} s"
+        )
+        raise typer.Exit(status_cli.TIMEOUT_EXIT) from None
+    if code:
+        raise typer.Exit(code)
+
+
+async def _until_ended(
+    first: asyncio.Future[dict[str, Any]],
+    events: Any,
+    execution_id: str,
+    message_id: str,
+    json_lines: bool,
+) -> int:
+    """Prints the execution's events; its exit code once it ends (or the request is refused)."""
+    event = await first
+    while True:
+        data = event.get("data") or {}
+        kind = str(event.get("type", "")).removeprefix("io.orchestrator.")
+        mine = event.get("subject") == execution_id or data.get("execution_id") == execution_id
+        refused = kind == "flow_start.rejected" and data.get("message_id") == message_id
+        if mine or refused:
+            status_cli.show(event, json_lines)
+        if refused:
+            return ExitCode.FAILURE
+        if mine and kind in status_cli.TERMINAL:
+            return status_cli.TERMINAL[kind]
+        event = await anext(events)
 
 
 def main() -> None:

@@ -14,6 +14,7 @@ from aio_pika.abc import AbstractChannel, AbstractQueue, ExchangeType
 from aiormq.exceptions import ChannelNotFoundEntity
 
 from schemas import (
+    ExecutionQuery,
     ExecutionRequested,
     FlowStartRequested,
     Message,
@@ -142,6 +143,7 @@ EXCHANGES = (
 
 EXECUTIONS_QUEUE = "engine.executions"
 RESULTS_QUEUE = "engine.results"
+QUERIES_QUEUE = "engine.queries"
 CONTROL_QUEUE = "control.commands"
 COMPLETIONS_QUEUE = "dispatcher.completions"
 DEFAULT_POOL = "default"
@@ -168,6 +170,11 @@ def flow_start_key(tenant: str) -> str:
     """The routing key of tenant T's flow-start requests. Tenant accounts may publish with
     their own key only (topic permissions), so the key names the sender's tenant."""
     return f"flow.start.{tenant}"
+
+
+def query_key(tenant: str) -> str:
+    """The routing key of tenant T's questions to the engine (ExecutionQuery)."""
+    return f"query.{tenant}"
 
 
 def ingress_queue_name(tenant: str) -> str:
@@ -212,6 +219,11 @@ def build_topology(pools: tuple[str, ...] = (DEFAULT_POOL,)) -> Topology:
         Queue(EXECUTIONS_QUEUE, "Admitted executions for the engine.", consumer="engine"),
         Queue(RESULTS_QUEUE, "Step results from workers.", consumer="engine"),
         Queue(
+            QUERIES_QUEUE,
+            "Questions about executions (request/reply: the answer goes to reply_to).",
+            consumer="engine",
+        ),
+        Queue(
             CONTROL_QUEUE,
             "Control commands, applied to the tenant state in Redis.",
             consumer="dispatcher",
@@ -247,6 +259,7 @@ def build_topology(pools: tuple[str, ...] = (DEFAULT_POOL,)) -> Topology:
             COMMANDS, EXECUTIONS_QUEUE, "execution.requested", (ExecutionRequested.message_type,)
         ),
         Binding(COMMANDS, RESULTS_QUEUE, "step.result", (StepResult.message_type,)),
+        Binding(COMMANDS, QUERIES_QUEUE, "query.*", (ExecutionQuery.message_type,)),
         Binding(COMMANDS, COMPLETIONS_QUEUE, "step.result", (StepResult.message_type,)),
         Binding(
             CONTROL,
@@ -290,6 +303,9 @@ ROUTES: dict[type[Message], Route] = {
         COMMANDS, "execution.requested", lambda m: "execution.requested", "scheduler"
     ),
     StepResult: Route(COMMANDS, "step.result", lambda m: "step.result", "worker"),
+    ExecutionQuery: Route(
+        COMMANDS, "query.{tenant}", lambda m: query_key(m.tenant), "tenants, operators"
+    ),
     # The engine publishes into the tenant's fair queue; the dispatcher republishes to
     # orchestrator.work with the pool as routing key (see `work_route`).
     StepTask: Route(STEPS, "{tenant}", lambda m: m.tenant, "engine"),

@@ -6,7 +6,13 @@ Other services import only this package (plus `orchestrator.client`) to talk to 
 from schemas.catalog import MESSAGES, message_model
 from schemas.common import SCHEMA_VERSION, Message
 from schemas.control import PenaltyCommand, QuarantineCommand, ReleaseCommand
-from schemas.executions import ExecutionRequested, FlowStartRequested
+from schemas.executions import (
+    ExecutionQuery,
+    ExecutionRequested,
+    ExecutionView,
+    FlowStartRequested,
+    StepView,
+)
 from schemas.flows import (
     CatchUpPolicy,
     FlowDefinition,
@@ -22,7 +28,9 @@ __all__ = [
     "MESSAGES",
     "SCHEMA_VERSION",
     "CatchUpPolicy",
+    "ExecutionQuery",
     "ExecutionRequested",
+    "ExecutionView",
     "FlowDefinition",
     "FlowStartRequested",
     "Message",
@@ -36,6 +44,7 @@ __all__ = [
     "StepError",
     "StepResult",
     "StepTask",
+    "StepView",
     "UsageEvent",
     "message_model",
 ]

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from schemas.common import Contract, Message
 from schemas.control import PenaltyCommand, QuarantineCommand, ReleaseCommand
-from schemas.executions import ExecutionRequested, FlowStartRequested
+from schemas.executions import (
+    ExecutionQuery,
+    ExecutionRequested,
+    ExecutionView,
+    FlowStartRequested,
+)
 from schemas.flows import FlowDefinition
 from schemas.status import StatusEvent
 from schemas.steps import StepResult, StepTask
@@ -22,6 +27,8 @@ MESSAGES: dict[str, type[Message]] = {
         PenaltyCommand,
         QuarantineCommand,
         ReleaseCommand,
+        ExecutionQuery,
+        ExecutionView,
     )
 }
 

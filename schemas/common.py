@@ -89,6 +89,8 @@ class Message(Contract):
     """A message on a broker. `message_type` names it in the AMQP `type` property."""
 
     message_type: ClassVar[str]
+    # The AMQP content type it travels with.
+    content_type: ClassVar[str] = "application/json"
     schema_version: SchemaVersion = 1  # SCHEMA_VERSION; bump both together
 
     def message_id(self) -> str:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar, Literal
+import uuid
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field
 
 from schemas.common import (
+    Contract,
     FlowId,
     Message,
     MessageId,
@@ -19,10 +21,11 @@ from schemas.common import (
 
 
 class FlowStartRequested(Message):
-    """Another service asks to start a flow (routing key `flow.start` on orchestrator.commands).
+    """Another service asks to start a flow (routing key `flow.start.<tenant>` on
+    orchestrator.commands).
 
-    `idempotency_key` makes a repeated request a no-op. Where RabbitMQ authenticates the
-    publisher (AMQP `user_id`), that user decides the tenant, not the `tenant` field.
+    `idempotency_key` makes a repeated request a no-op. The AMQP `user_id` (checked by
+    RabbitMQ) must be the tenant's account or an operator's.
     """
 
     message_type: ClassVar[str] = "flow.start.requested"
@@ -61,3 +64,52 @@ class ExecutionRequested(Message):
 
     def message_id(self) -> str:
         return self.fire_id
+
+
+class ExecutionQuery(Message):
+    """Asks the engine for one execution (routing key `query.<tenant>` on
+    orchestrator.commands, with `reply_to`, e.g. `amq.rabbitmq.reply-to`, and a
+    `correlation_id`). The answer is an ExecutionView on the reply queue. A tenant account
+    sees its own tenant's executions only."""
+
+    message_type: ClassVar[str] = "execution.query"
+
+    tenant: TenantId
+    execution_id: MessageId
+    query_id: MessageId = Field(default_factory=lambda: f"q-{uuid.uuid4().hex}")
+
+    def message_id(self) -> str:
+        return self.query_id
+
+
+class StepView(Contract):
+    status: str
+    attempt: int = 0
+    output: Payload | None = None
+    error: dict[str, Any] | None = None
+    dispatched_at: Timestamp | None = None
+    finished_at: Timestamp | None = None
+
+
+class ExecutionView(Message):
+    """The engine's answer to an ExecutionQuery: `found` false when there is no such
+    execution of that tenant (or it expired, after ORCH_EXECUTION_TTL_S)."""
+
+    message_type: ClassVar[str] = "execution.view"
+
+    found: bool
+    execution_id: MessageId
+    tenant: TenantId
+    flow_id: FlowId | None = None
+    status: (
+        Literal["running", "failing", "compensating", "succeeded", "failed", "compensated"] | None
+    ) = None
+    started_at: Timestamp | None = None
+    finished_at: Timestamp | None = None
+    steps: dict[str, StepView] = {}
+    failure: dict[str, Any] | None = None
+    # The terminal status event exactly as it was published, once the execution ended.
+    outcome: dict[str, Any] | None = None
+
+    def message_id(self) -> str:
+        return f"view:{self.execution_id}"

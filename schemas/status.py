@@ -34,6 +34,7 @@ STATES: dict[str, tuple[str, ...]] = {
     "flow_start": ("accepted", "rejected"),
     "tenant": ("warned", "penalized", "quarantined", "released"),
     "message": ("rejected",),
+    "dlq": ("replayed", "purged"),  # an operator's run over a dead-letter queue (audit)
 }
 
 SEQUENCE_DIGITS = 12
@@ -48,6 +49,11 @@ class StatusEvent(Message):
     decimal string, lexicographically ordered, counting per `subject` (the execution id)."""
 
     message_type: ClassVar[str] = "status"
+    # Structured content mode of the CloudEvents AMQP binding: the whole event is the body.
+    content_type: ClassVar[str] = "application/cloudevents+json"
+    # Optional attributes without a value are left out, never sent as null (CloudEvents
+    # readers refuse null attributes).
+    OPTIONAL: ClassVar[tuple[str, ...]] = ("subject", "sequence", "tenant", "flow")
 
     # CloudEvents 1.0 context attributes (https://github.com/cloudevents/spec).
     specversion: Literal["1.0"] = "1.0"
@@ -93,6 +99,10 @@ class StatusEvent(Message):
 
     def message_id(self) -> str:
         return self.id
+
+    def to_bytes(self) -> bytes:
+        absent = {name for name in self.OPTIONAL if getattr(self, name) is None}
+        return self.model_dump_json(exclude=absent).encode()
 
     @classmethod
     def build(

@@ -8,7 +8,9 @@ from typing import Any
 
 from schemas import (
     MESSAGES,
+    ExecutionQuery,
     ExecutionRequested,
+    ExecutionView,
     FlowDefinition,
     FlowStartRequested,
     Message,
@@ -18,6 +20,7 @@ from schemas import (
     StatusEvent,
     StepResult,
     StepTask,
+    StepView,
     UsageEvent,
 )
 
@@ -131,6 +134,19 @@ def sample(message_type: str, tenant: str = "acme") -> Message:
         ),
         ReleaseCommand.message_type: lambda: ReleaseCommand(
             command_id=f"release:{tenant}:1", tenant=tenant, rule="operator", issued_by="ops"
+        ),
+        ExecutionQuery.message_type: lambda: ExecutionQuery(
+            tenant=tenant, execution_id=execution, query_id="q-1"
+        ),
+        ExecutionView.message_type: lambda: ExecutionView(
+            found=True,
+            execution_id=execution,
+            tenant=tenant,
+            flow_id="daily-sync",
+            status="succeeded",
+            started_at=NOW,
+            finished_at=NOW + timedelta(seconds=2),
+            steps={"a": StepView(status="succeeded", attempt=1, output={"ok": True})},
         ),
     }
     assert set(builders) == set(MESSAGES), "every message type needs a sample"

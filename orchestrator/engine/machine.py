@@ -52,6 +52,8 @@ class StepState(BaseModel):
     error: dict[str, Any] | None = None
     finished: int | None = None  # completion order, for compensation in reverse
     compensation_attempt: int = 0
+    dispatched_at: datetime | None = None  # of its latest attempt
+    finished_at: datetime | None = None
 
 
 class Execution(BaseModel):
@@ -69,6 +71,9 @@ class Execution(BaseModel):
     finished_count: int = 0
     failure: dict[str, Any] | None = None
     started_at: datetime
+    finished_at: datetime | None = None
+    # The terminal status event as published: clients asking after the end get it as it was.
+    outcome: dict[str, Any] | None = None
 
     @property
     def terminal(self) -> bool:
@@ -177,6 +182,7 @@ class Transition:
             )
             return
         state.task_id = task_id
+        state.dispatched_at = self.now
         state.status = "dispatched" if kind == "action" else "compensating"
         self.effects.tasks.append(task)
         self.effects.timers.append(Timer("deadline", step_id, attempt, deadline + DEADLINE_GRACE))
@@ -305,6 +311,7 @@ class Transition:
             return
         state.status = "succeeded"
         state.output = output
+        state.finished_at = self.now
         self.x.finished_count += 1
         state.finished = self.x.finished_count
         self.status("step", "succeeded", {"step_id": step_id, "attempt": result.attempt})
@@ -351,6 +358,7 @@ class Transition:
         if kind == "compensation":
             state.status = "failed"
             state.error = error
+            state.finished_at = self.now
             self.status(
                 "step",
                 "failed",
@@ -365,6 +373,7 @@ class Transition:
             return
         state.status = "failed"
         state.error = error
+        state.finished_at = self.now
         self.status(
             "step", "failed", {"step_id": step_id, "attempt": attempt, "kind": kind, "error": error}
         )
@@ -411,6 +420,8 @@ class Transition:
         if outcome == "succeeded":
             data["outputs"] = {sid: s.output for sid, s in self.x.steps.items()}
         self.status("execution", outcome, data)
+        self.x.finished_at = self.now
+        self.x.outcome = self.effects.statuses[-1].model_dump(mode="json", exclude_none=False)
         self.effects.release_lease = True
 
 

@@ -5,25 +5,35 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
+import aiormq
 import redis.asyncio as aioredis
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
 from prometheus_client import Counter
 
 from orchestrator import topology
-from orchestrator.amqp import decode, open_channel, publish
+from orchestrator.accounts import tenant_of_user
+from orchestrator.amqp import InvalidMessage, decode, open_channel, publish
 from orchestrator.clock import Clock, SystemClock, from_ms, to_ms
 from orchestrator.config import Settings
 from orchestrator.consumer import Consumer
 from orchestrator.engine.machine import Effects, Execution, Timer, Transition, new_execution
 from orchestrator.engine.store import ExecutionStore, OutboxEntry
+from orchestrator.engine.views import execution_view
 from orchestrator.store import Keys
 from orchestrator.store.admission import AdmissionStore
 from orchestrator.store.flows import FlowRegistry
 from orchestrator.store.tenants import TenantStore
 from orchestrator.telemetry import bound_context, get_logger
-from schemas import ExecutionRequested, Message, StatusEvent, StepResult, StepTask
+from schemas import (
+    ExecutionQuery,
+    ExecutionRequested,
+    Message,
+    StatusEvent,
+    StepResult,
+    StepTask,
+)
 
 log = get_logger(__name__)
 
@@ -82,6 +92,13 @@ class Engine:
                 stop=stop,
                 retry_limit_s=self.settings.outage_limit_s,
             ),
+            Consumer(
+                topology.QUERIES_QUEUE,
+                lambda incoming: decode(incoming, ExecutionQuery),
+                self._on_query,
+                stop=stop,
+                retry_limit_s=self.settings.outage_limit_s,
+            ),
         ]
         for consumer in consumers:
             await consumer.start(channel)
@@ -135,6 +152,34 @@ class Engine:
 
         await self.store.transact(request.execution_id, mutate)
         await self._flush(request.execution_id)
+
+    async def _on_query(self, query: ExecutionQuery, incoming: AbstractIncomingMessage) -> None:
+        """Answers on the asker's reply_to. A tenant account asks about its own tenant only
+        (the broker lets it publish `query.<its tenant>` alone; the body must agree), and
+        learns nothing of other tenants' executions."""
+        if incoming.routing_key != topology.query_key(query.tenant):
+            raise InvalidMessage(
+                "forbidden", f"a query for tenant {query.tenant!r} under another tenant's key"
+            )
+        owner = tenant_of_user(incoming.user_id or "", self.settings.account_prefix)
+        if owner is not None and owner != query.tenant:
+            raise InvalidMessage("forbidden", f"account of {owner!r} asked about {query.tenant!r}")
+        if not incoming.reply_to:
+            raise InvalidMessage("no_reply_to", "a query needs reply_to (and a correlation_id)")
+        view = execution_view(await self.store.load(query.execution_id), query)
+        underlay = cast(aiormq.Channel, await (await self.channel()).get_underlay_channel())
+        await underlay.basic_publish(
+            view.to_bytes(),
+            exchange="",
+            routing_key=incoming.reply_to,
+            properties=aiormq.spec.Basic.Properties(
+                content_type=view.content_type,
+                message_type=view.message_type,
+                message_id=view.message_id(),
+                correlation_id=incoming.correlation_id,
+            ),
+            timeout=10,
+        )
 
     async def _fail_unknown_flow(self, request: ExecutionRequested) -> None:
         event = StatusEvent.build(

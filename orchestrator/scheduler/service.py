@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import os
 import random
 import socket
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -53,6 +55,10 @@ REPORT_LIMIT = 100
 RETRY_DELAY_S = 0.5
 MAX_RETRY_DELAY_S = 5.0
 INGRESS_REFRESH_S = 1.0
+# A flow-start request being handled holds its idempotency key this long at most (handling
+# takes milliseconds; a handler that died lets go of the key when the lease lapses).
+REQUEST_LEASE_MS = 10_000
+REQUEST_POLL_S = 0.02
 DEFINITION_CACHE_SIZE = 20_000
 # Ticks due within this window are claimed and planned ahead, then fired on time.
 LOOKAHEAD_MS = 250
@@ -476,7 +482,7 @@ class Scheduler:
             if definition is None:
                 detail = f"tenant {tenant!r} has no flow {request.flow_id!r}"
                 FLOW_STARTS.labels("unknown_flow").inc()
-                raise InvalidMessage("unknown_flow", detail, tenant=tenant)
+                raise InvalidMessage("unknown_flow", detail, tenant=tenant, flow=request.flow_id)
             await self._admit_request(incoming, request, definition)
 
     async def _admit_request(
@@ -493,16 +499,17 @@ class Scheduler:
             "execution_id": execution_id,
             "fire_id": fire_id,
         }
-        seen = await self.admission.begin_request(
-            flow, request.idempotency_key, execution_id, self.settings.idempotency_ttl_s
-        )
+        seen = await self._claim_request(flow, request.idempotency_key, incoming)
         if seen.startswith("done:"):
             FLOW_STARTS.labels("duplicate").inc()
+            # A new event (its own id, from this very request message), not a copy of the
+            # first acceptance: subscribers that drop repeated ids still see it.
+            queue = topology.ingress_queue_name(definition.tenant)
             await self._status(
                 "flow_start",
                 "accepted",
                 definition,
-                fire_id,
+                f"{fire_id}:duplicate:{rejection_id(queue, incoming)}",
                 {**data, "duplicate": True},
                 subject=execution_id,
             )
@@ -543,6 +550,29 @@ class Scheduler:
             "flow_start", "accepted", definition, fire_id, data, subject=execution_id
         )
         await self.admission.finish_request(flow, request.idempotency_key, execution_id)
+
+    async def _claim_request(
+        self, flow: str, idempotency_key: str, incoming: AbstractIncomingMessage
+    ) -> str:
+        """Claims the idempotency key; a concurrent delivery of the same key (another replica,
+        another consumer) is waited for, so exactly one of them runs and the other reports the
+        duplicate. The owner is this delivery: the consumer retrying it in place after an
+        outage finds its own claim."""
+        delivery = f"{self.replica}/{incoming.consumer_tag}/{incoming.delivery_tag}"
+        owner = hashlib.sha256(delivery.encode()).hexdigest()[:24]
+        deadline = time.monotonic() + REQUEST_LEASE_MS / 1000 * 2
+        while True:
+            seen = await self.admission.begin_request(
+                flow,
+                idempotency_key,
+                ttl_s=self.settings.idempotency_ttl_s,
+                owner=owner,
+                now_ms=to_ms(self.clock.now()),
+                lease_ms=REQUEST_LEASE_MS,
+            )
+            if seen != "busy" or time.monotonic() > deadline:
+                return seen
+            await asyncio.sleep(REQUEST_POLL_S)
 
     async def _refuse(
         self,

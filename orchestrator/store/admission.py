@@ -89,14 +89,20 @@ return 1
 """
 
 # KEYS: idempotency key; ARGV: execution id, ttl seconds
+# KEYS: the idempotency key. ARGV: ttl s, owner token, now ms, lease ms.
+# 'new' (claimed by this owner), 'done:<execution id>', 'busy' (another delivery of the same
+# key is being handled right now: wait for it), or 'retry' (its handler died: take it over).
 _REQUEST = """
 local seen = redis.call('GET', KEYS[1])
-if not seen then
-  redis.call('SET', KEYS[1], 'pending:' .. ARGV[1], 'EX', ARGV[2])
-  return 'new'
+local now = tonumber(ARGV[3])
+if seen then
+  if string.sub(seen, 1, 5) == 'done:' then return seen end
+  local owner, deadline = string.match(seen, '^pending:([^:]+):(%d+)$')
+  if owner and owner ~= ARGV[2] and tonumber(deadline) > now then return 'busy' end
 end
-if string.sub(seen, 1, 5) == 'done:' then return seen end
-return 'retry'
+redis.call('SET', KEYS[1], 'pending:' .. ARGV[2] .. ':' .. (now + tonumber(ARGV[4])), 'EX', ARGV[1])
+if seen then return 'retry' end
+return 'new'
 """
 
 
@@ -265,11 +271,13 @@ class AdmissionStore:
         )
 
     async def begin_request(
-        self, flow: str, idempotency_key: str, execution_id: str, ttl_s: int
+        self, flow: str, idempotency_key: str, *, ttl_s: int, owner: str, now_ms: int, lease_ms: int
     ) -> str:
-        """'new', 'retry' (a crash left it unfinished: redo it), or 'done:<execution id>'."""
+        """Claims the key for `owner` (see _REQUEST): 'new', 'retry', 'busy' or
+        'done:<execution id>'. A claim lapses after `lease_ms`, so a handler that died never
+        blocks its key."""
         key = self.keys.idempotency(flow, idempotency_digest(idempotency_key))
-        result: str = await self._request(keys=[key], args=[execution_id, ttl_s])
+        result: str = await self._request(keys=[key], args=[ttl_s, owner, now_ms, lease_ms])
         return result
 
     async def finish_request(self, flow: str, idempotency_key: str, execution_id: str) -> None:

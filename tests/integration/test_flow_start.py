@@ -11,6 +11,9 @@ from typing import Any
 import aio_pika
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
+from cloudevents.core.bindings.rabbitmq import RabbitMQMessage, from_rabbitmq
+from cloudevents.core.formats.json import JSONFormat
+from cloudevents.core.v1.event import CloudEvent
 
 from orchestrator import store, topology
 from orchestrator.amqp import REASON_HEADER, publish
@@ -132,3 +135,41 @@ async def test_bad_requests_go_to_the_dlq_with_a_reason(
     # The consumer is still running: a valid request goes through.
     await publish(channel, request(key="after-bad-input"))
     assert body(await get_one(executions))["flow_id"] == "import"
+
+
+async def test_status_events_read_with_the_cloudevents_rabbitmq_binding(
+    running_scheduler: Settings, channel: AbstractChannel
+) -> None:
+    """Structured content mode (`application/cloudevents+json`), no null attributes, and a
+    new id for the duplicate's acceptance: what the SDK's RabbitMQ reader needs."""
+    feed = await status_feed(channel, "acme.import.flow_start.*")
+    await publish(channel, request(key="ce-1"))
+    await publish(channel, request(key="ce-1"))
+    messages = [await get_one(feed), await get_one(feed)]
+    events = []
+    for message in messages:
+        assert message.content_type == "application/cloudevents+json"
+        assert None not in json.loads(message.body).values()
+        raw = RabbitMQMessage(headers={}, content_type=message.content_type, body=message.body)
+        events.append(from_rabbitmq(raw, JSONFormat(), CloudEvent))
+    flags = [bool(e.get_data().get("duplicate")) for e in events]  # type: ignore[union-attr]
+    assert flags == [False, True]
+    assert events[0].get_id() != events[1].get_id()
+    assert events[0].get_subject() == events[1].get_subject()  # the same execution
+
+
+async def test_identical_requests_at_once_run_once_and_say_so(
+    running_scheduler: Settings, channel: AbstractChannel
+) -> None:
+    """Twenty copies of one request published together (two consumers could take them at
+    the same moment): one execution, one acceptance, nineteen flagged duplicates."""
+    executions = await channel.get_queue(topology.EXECUTIONS_QUEUE)
+    feed = await status_feed(channel, "acme.import.flow_start.*")
+    await asyncio.gather(*(publish(channel, request(key="burst-1")) for _ in range(20)))
+    events = []
+    for _ in range(20):
+        events.append(body(await get_one(feed)))
+    assert sum(1 for e in events if not e["data"].get("duplicate")) == 1
+    assert len({e["id"] for e in events}) == 20
+    await asyncio.sleep(0.5)
+    assert len(await drain(executions)) == 1

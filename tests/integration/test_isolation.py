@@ -352,3 +352,11 @@ async def test_a_rotated_secret_replaces_the_old_one(tenants: Tenants, settings:
     connection = await aio_pika.connect(new.amqp_url(str(settings.rabbitmq_url)))
     await connection.close()
     management.close()
+
+
+async def test_bob_cannot_ask_the_engine_about_alices_executions(tenants: Tenants) -> None:
+    query = sample("execution.query", "alice")
+    reason = await refused(
+        tenants, "bob", lambda ch: send(ch, query, topology.COMMANDS, "query.alice", None)
+    )
+    assert "query.alice" in reason

@@ -44,6 +44,27 @@ def test_a_service_may_declare_bind_and_consume_its_own_queues_only(role: str) -
 
 
 @pytest.mark.parametrize("role", [r for r in ROLES if r != "operator"])
+def test_a_service_may_make_the_bindings_of_its_queues(role: str) -> None:
+    """queue.bind needs read on the exchange and, on a topic exchange with topic
+    permissions, a binding key the read regex allows (matched literally: `query.*`)."""
+    perms = service_permissions(role)  # type: ignore[arg-type]
+    mine = set(owned(role))
+    per_tenant = [
+        topology.Binding(topology.STEPS, "fq.acme", "acme", ()),
+        topology.Binding(topology.COMMANDS, "ingress.acme", topology.flow_start_key("acme"), ()),
+        topology.Binding(topology.DEAD_LETTERS, "fq.acme.dlq", "fq.acme", ()),
+        topology.Binding(topology.DEAD_LETTERS, "ingress.acme.dlq", "ingress.acme", ()),
+    ]
+    bindings = [b for b in [*TOPOLOGY.bindings, *per_tenant] if b.queue in mine]
+    assert bindings or role == "violations"
+    for binding in bindings:
+        assert allows(perms.read, binding.exchange), (role, binding)
+        if binding.exchange in perms.topics:
+            _, read = perms.topics[binding.exchange]
+            assert allows(read, binding.routing_key), (role, binding)
+
+
+@pytest.mark.parametrize("role", [r for r in ROLES if r != "operator"])
 def test_no_service_may_declare_or_delete_an_exchange(role: str) -> None:
     perms = service_permissions(role)  # type: ignore[arg-type]
     for exchange in TOPOLOGY.exchanges:
@@ -64,6 +85,7 @@ def test_only_the_violations_consumer_and_the_operator_may_command() -> None:
         ("execution.requested", "scheduler"),
         ("step.result", "worker"),
         ("flow.start.acme", None),  # tenants and the operator only
+        ("query.acme", None),
     ],
 )
 def test_each_command_key_has_one_service_publisher(key: str, publisher: str | None) -> None:
