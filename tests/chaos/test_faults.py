@@ -23,7 +23,6 @@ from typing import Any
 
 import aio_pika
 import pytest
-import yaml
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 from redis import exceptions as redis_exceptions
 
@@ -33,7 +32,7 @@ from orchestrator.config import Settings
 from orchestrator.store.flows import FlowRegistry
 from schemas import FlowDefinition, FlowStartRequested
 from tests.integration.helpers import body, fresh_settings, reset_queues
-from tests.integration.processes import spawn
+from tests.integration.processes import spawn, violations_env
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -196,14 +195,8 @@ async def test_every_execution_ends_once_through_kills_and_broker_restarts(
 ) -> None:
     suffix = uuid.uuid4().hex[:8]
     rounds, rate, kafka_down_s = (3, 16.0, 120.0) if long_run else (1, 4.0, 10.0)
-    policy = tmp_path / "policy.yaml"
-    policy.write_text(yaml.safe_dump(POLICY))
     test_settings = fresh_settings(settings, usage_topic=f"test.usage.chaos.{suffix}")
-    env = {
-        "ORCH_VIOLATIONS_APP_ID": f"test-chaos-{suffix}",
-        "ORCH_VIOLATIONS_POLICY": str(policy),
-        "ORCH_VIOLATIONS_DATA_DIR": str(tmp_path / "violations"),
-    }
+    env = violations_env(tmp_path, POLICY, f"test-chaos-{suffix}")
     await reset_queues(channel)
     redis = store.connect(test_settings)
     flow = FlowDefinition.model_validate(

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from aio_pika.abc import AbstractChannel
 
 from orchestrator import store
@@ -30,7 +29,7 @@ from orchestrator.config import Settings
 from orchestrator.store.flows import FlowRegistry
 from schemas import FlowDefinition, FlowStartRequested
 from tests.integration.helpers import body, drain, fresh_settings, reset_queues, status_feed
-from tests.integration.processes import spawn, stop_all
+from tests.integration.processes import spawn, spawn_pipeline, stop_all, violations_env
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -80,16 +79,9 @@ async def test_a_burst_during_or_right_after_a_kafka_outage_is_judged_for_its_wi
 ) -> None:
     down_s = 120.0 if long_run else 30.0
     suffix = uuid.uuid4().hex[:8]
-    policy = tmp_path / "policy.yaml"
-    policy.write_text(yaml.safe_dump(POLICY))
     test_settings = fresh_settings(settings, usage_topic=f"test.usage.outage.{suffix}")
-    env = {
-        "ORCH_VIOLATIONS_APP_ID": f"test-outage-{suffix}",
-        "ORCH_VIOLATIONS_POLICY": str(policy),
-        "ORCH_VIOLATIONS_DATA_DIR": str(tmp_path / "data"),
-        "ORCH_VIOLATIONS_GRACE_S": "1",
-        "ORCH_VIOLATIONS_TICK_S": "0.5",
-    }
+    env = violations_env(tmp_path, POLICY, f"test-outage-{suffix}")
+    env |= {"ORCH_VIOLATIONS_GRACE_S": "1", "ORCH_VIOLATIONS_TICK_S": "0.5"}
     for tenant in ("calm", "during", "after"):
         await reset_queues(channel, tenant)
     feed = await status_feed(channel, "*.*.tenant.*")
@@ -115,12 +107,7 @@ async def test_a_burst_during_or_right_after_a_kafka_outage_is_judged_for_its_wi
     watcher = asyncio.create_task(watch_done())
     try:
         await asyncio.sleep(6)  # the usage topic exists before workers report to it
-        processes += [
-            spawn(test_settings, "engine"),
-            spawn(test_settings, "dispatcher"),
-            spawn(test_settings, "worker", "--concurrency", "4"),
-            spawn(test_settings, "scheduler"),
-        ]
+        processes += spawn_pipeline(test_settings)
         await asyncio.sleep(2)
         await FlowRegistry(redis, store.Keys(test_settings.redis_prefix)).apply(
             flows(), datetime.now(UTC)

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from aio_pika.abc import AbstractChannel
 
 from orchestrator import store, topology
@@ -21,7 +20,7 @@ from orchestrator.config import Settings
 from orchestrator.store.flows import FlowRegistry
 from schemas import FlowDefinition
 from tests.integration.helpers import drain, fresh_settings, reset_queues
-from tests.integration.processes import spawn, stop_all
+from tests.integration.processes import spawn, spawn_pipeline, stop_all, violations_env
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -64,14 +63,9 @@ async def test_noisy_tenant_is_punished_automatically_and_comes_back(
     settings: Settings, channel: AbstractChannel, tmp_path: Path
 ) -> None:
     suffix = uuid.uuid4().hex[:8]
-    policy = tmp_path / "policy.yaml"
-    policy.write_text(yaml.safe_dump(POLICY))
     test_settings = fresh_settings(settings, usage_topic=f"test.usage.{suffix}")
-    env = {
-        "ORCH_VIOLATIONS_APP_ID": f"test-e2e-{suffix}",
-        "ORCH_VIOLATIONS_POLICY": str(policy),
-        "ORCH_VIOLATIONS_DATA_DIR": str(tmp_path / "data"),
-        "ORCH_VIOLATIONS_GRACE_S": "0.5",
+    env = violations_env(tmp_path, POLICY, f"test-e2e-{suffix}") | {
+        "ORCH_VIOLATIONS_GRACE_S": "0.5"
     }
     for tenant in ("hog", "calm1", "calm2"):
         await reset_queues(channel, tenant)
@@ -83,12 +77,7 @@ async def test_noisy_tenant_is_punished_automatically_and_comes_back(
     events: list[tuple[float, str, dict[str, Any]]] = []
     try:
         await asyncio.sleep(6)  # the usage topic exists before workers report to it
-        processes += [
-            spawn(test_settings, "engine"),
-            spawn(test_settings, "dispatcher"),
-            spawn(test_settings, "worker", "--concurrency", "4"),
-            spawn(test_settings, "scheduler"),
-        ]
+        processes += spawn_pipeline(test_settings)
         await asyncio.sleep(2)
         await FlowRegistry(redis, store.Keys(test_settings.redis_prefix)).apply(
             flows(), datetime.now(UTC)

@@ -5,7 +5,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 from orchestrator.config import Settings
 
@@ -50,3 +53,25 @@ def stop_all(processes: list[subprocess.Popen[bytes]]) -> None:
             process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             process.kill()
+
+
+def spawn_pipeline(settings: Settings, concurrency: int = 4) -> list[subprocess.Popen[bytes]]:
+    """Every process a flow passes through: engine, dispatcher, worker, scheduler."""
+    return [
+        spawn(settings, "engine"),
+        spawn(settings, "dispatcher"),
+        spawn(settings, "worker", "--concurrency", str(concurrency)),
+        spawn(settings, "scheduler"),
+    ]
+
+
+def violations_env(directory: Path, policy: dict[str, Any], app_id: str) -> dict[str, str]:
+    """The environment of a violations consumer with its own policy file, consumer group and
+    data directory (under `directory`)."""
+    path = directory / "policy.yaml"
+    path.write_text(yaml.safe_dump(policy))
+    return {
+        "ORCH_VIOLATIONS_APP_ID": app_id,
+        "ORCH_VIOLATIONS_POLICY": str(path),
+        "ORCH_VIOLATIONS_DATA_DIR": str(directory / "violations"),
+    }
