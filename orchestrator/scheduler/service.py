@@ -132,7 +132,7 @@ class Scheduler:
         await topology.apply(channel, role="scheduler")
         watcher = None
         if ingress:
-            await self.refresh_ingress(stop)
+            await self._refresh_ingress_safely(stop)
             watcher = asyncio.create_task(self._ingress_loop(stop))
         log.info("scheduler.started", replica=self.replica)
         try:
@@ -171,14 +171,19 @@ class Scheduler:
         """Newly registered tenants get their ingress consumed within a second."""
         while not stop.is_set():
             await sleep_unless(stop, INGRESS_REFRESH_S)
-            try:
-                await self.refresh_ingress(stop)
-            except Exception as exc:
-                dependency = dependency_of(exc)
-                if dependency is None:
-                    log.exception("scheduler.ingress_refresh_failed")
-                else:
-                    OUTAGES.failed(dependency, exc)
+            await self._refresh_ingress_safely(stop)
+
+    async def _refresh_ingress_safely(self, stop: asyncio.Event) -> None:
+        """A broker outage (also at start) costs a refresh, never the process: the next
+        round tries again."""
+        try:
+            await self.refresh_ingress(stop)
+        except Exception as exc:
+            dependency = dependency_of(exc)
+            if dependency is None:
+                log.exception("scheduler.ingress_refresh_failed")
+            else:
+                OUTAGES.failed(dependency, exc)
 
     async def _tick_loop(self, stop: asyncio.Event) -> None:
         """Rounds until stopped. A Redis or RabbitMQ outage costs rounds, never the loop: it

@@ -283,3 +283,45 @@ async def test_not_ready_during_an_outage_and_exit_69_past_the_limit(
             err = _log_of(engine)
     assert code == 69, err[-2000:]
     assert "process.outage_limit" in err
+
+
+async def test_a_scheduler_started_during_a_redis_outage_waits_then_takes_flow_starts(
+    settings: Settings, channel: AbstractChannel
+) -> None:
+    """Its first look at the registered tenants (to consume their ingress) fails: the
+    process stays up and consumes them once Redis answers."""
+    test_settings = fresh_settings(settings)
+    await reset_queues(channel)
+    redis = store.connect(test_settings)
+    flow = FlowDefinition.model_validate(
+        {
+            "tenant": "acme",
+            "id": "late",
+            "overlap": "allow",
+            "steps": [{"id": "a", "type": "demo.echo"}],
+        }
+    )
+    await FlowRegistry(redis, store.Keys(test_settings.redis_prefix)).apply(
+        [flow], datetime.now(UTC)
+    )
+    feed = await channel.declare_queue(exclusive=True)
+    await feed.bind(topology.STATUS, routing_key="acme.late.flow_start.accepted")
+    host = test_settings.redis_url.host or "127.0.0.1"
+    async with TcpProxy(host, test_settings.redis_url.port or 6379) as proxy:
+        proxy.cut()
+        scheduler = _start(test_settings, f"redis://127.0.0.1:{proxy.port}/0", "scheduler")
+        try:
+            await asyncio.sleep(4.0)
+            alive = scheduler.poll() is None
+            proxy.restore()
+            request = FlowStartRequested(tenant="acme", flow_id="late", idempotency_key="k1")
+            await publish(channel, request)  # ingress.acme exists (reset_queues declared it)
+            accepted = await drain(feed, settle_s=0.0)
+            deadline = time.monotonic() + 30
+            while not accepted and time.monotonic() < deadline:
+                accepted = await drain(feed, settle_s=0.5)
+        finally:
+            results = _stop([scheduler])
+            await _cleanup(redis, test_settings)
+    assert alive, results
+    assert [body(m)["data"]["idempotency_key"] for m in accepted] == ["k1"], results
