@@ -28,7 +28,7 @@ from typing import Any, cast
 
 import aio_pika
 import aiormq
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
 from orchestrator import topology
 from orchestrator.amqp import (
@@ -39,7 +39,6 @@ from orchestrator.amqp import (
     REJECTED_AT_HEADER,
     REPLAYS_HEADER,
     open_channel,
-    safe_text,
 )
 
 FILTER_KEYS = ("reason", "queue", "tenant", "type", "message_id")
@@ -158,11 +157,6 @@ def parse_filters(items: Iterable[str]) -> dict[str, str]:
 
 def matches(letter: Letter, filters: dict[str, str]) -> bool:
     return all(letter.field(key) == value for key, value in filters.items())
-
-
-def all_dlqs(pools: tuple[str, ...] = (topology.DEFAULT_POOL,)) -> list[str]:
-    """The DLQs the topology declares (per-tenant ones are found on the broker)."""
-    return [q.name for q in topology.build_topology(pools).queues if q.name.endswith(".dlq")]
 
 
 async def ensure_dlq(connection: AbstractRobustConnection, name: str) -> int:
@@ -410,19 +404,3 @@ async def move(
             await publisher.close()
     mover.summary.seconds = time.monotonic() - mover.began
     return mover.summary
-
-
-async def depths(channel: AbstractChannel, names: list[str]) -> dict[str, int]:
-    counts = {}
-    for name in names:
-        declared = await channel.declare_queue(name, passive=True)
-        counts[name] = declared.declaration_result.message_count or 0
-    return counts
-
-
-def summary_line(letter: Letter) -> str:
-    return (
-        f"{letter.message_id or '-'}  {letter.reason}  from {letter.queue or '?'}  "
-        f"tenant {letter.tenant or '-'}  replays {letter.replays}  "
-        f"{safe_text(letter.detail, 120)}"
-    )
