@@ -92,7 +92,11 @@ def tenant_permissions(tenant: str) -> Permissions:
         read=_alt(_q(topology.STATUS), own),
         topics={
             topology.COMMANDS: (
-                _alt(_q(topology.flow_start_key(tenant)), _q(topology.query_key(tenant))),
+                _alt(
+                    _q(topology.flow_start_key(tenant)),
+                    _q(topology.query_key(tenant)),
+                    _q(topology.cancel_key(tenant)),
+                ),
                 NOTHING,
             ),
             topology.STATUS: (NOTHING, "^" + _q(f"{tenant}.")),
@@ -118,7 +122,10 @@ _EXCHANGE = {
 _INGRESS = _q(topology.INGRESS_QUEUE_PREFIX) + SLUG
 _FQ = _q(topology.TENANT_QUEUE_PREFIX) + SLUG
 _ENGINE = _alt(
-    _q(topology.EXECUTIONS_QUEUE), _q(topology.RESULTS_QUEUE), _q(topology.QUERIES_QUEUE)
+    _q(topology.EXECUTIONS_QUEUE),
+    _q(topology.RESULTS_QUEUE),
+    _q(topology.QUERIES_QUEUE),
+    _q(topology.CANCELS_QUEUE),
 )[1:-1]
 _DISPATCHER = "|".join((_q(topology.CONTROL_QUEUE), _q(topology.COMPLETIONS_QUEUE)))
 _WORK = r"work\." + r"[a-z0-9_-]+(\.express)?"
@@ -157,7 +164,7 @@ def service_permissions(role: Role) -> Permissions:
             topics={
                 topology.COMMANDS: (
                     NOTHING,
-                    _alt(r"execution\.requested", r"step\.result", r"query\.\*"),
+                    _alt(r"execution\.requested", r"step\.result", r"query\.\*", r"cancel\.\*"),
                 ),
                 topology.CONTROL: (NOTHING, NOTHING),
                 **status_only,

@@ -18,7 +18,17 @@ from aio_pika.abc import AbstractRobustConnection
 from aio_pika.exceptions import DeliveryError
 from rich.table import Table
 
-from orchestrator import accounts_cli, apidoc, dlq_cli, kafka, runtime, status_cli, store, topology
+from orchestrator import (
+    accounts_cli,
+    apidoc,
+    dlq_cli,
+    executions_cli,
+    kafka,
+    runtime,
+    status_cli,
+    store,
+    topology,
+)
 from orchestrator.accounts import ManagementError, Role, tenant_of_user, user_of
 from orchestrator.amqp import connect, open_channel, publish
 from orchestrator.cliutil import ExitCode, console, err_console, settings_or_exit
@@ -54,6 +64,7 @@ app.add_typer(topology_app, name="topology")
 app.add_typer(accounts_cli.accounts_app, name="accounts")
 app.add_typer(dlq_cli.dlq_app, name="dlq")
 app.add_typer(status_cli.status_app, name="status")
+app.add_typer(executions_cli.executions_app, name="executions")
 tenants_app.command("provision")(accounts_cli.tenants_provision)
 tenants_app.command("rotate-secret")(accounts_cli.tenants_rotate_secret)
 tenants_app.command("revoke")(accounts_cli.tenants_revoke)

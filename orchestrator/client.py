@@ -18,7 +18,8 @@ AMQP URL and its tenant account (no Redis, no Kafka).
   not miss events while down keeps its queue.
 * `wait_for` returns the terminal event, also when the execution ended before the call (the
   engine keeps it: `get_execution`).
-* `get_execution` asks the engine over AMQP (request/reply through `amq.rabbitmq.reply-to`).
+* `get_execution`, `list_executions` and `cancel` ask the engine over AMQP (request/reply
+  through `amq.rabbitmq.reply-to`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
-from typing import Any
+from datetime import datetime
+from typing import Any, TypeVar
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
@@ -37,9 +39,19 @@ from aiormq.exceptions import ChannelAccessRefused
 from orchestrator import topology
 from orchestrator.accounts import DEFAULT_PREFIX, status_queue_name, tenant_of_user, user_of
 from orchestrator.amqp import publish, to_amqp
-from schemas import ExecutionQuery, ExecutionView, FlowStartRequested, StatusEvent
+from schemas import (
+    TERMINAL_STATES,
+    ExecutionCancel,
+    ExecutionList,
+    ExecutionPage,
+    ExecutionQuery,
+    ExecutionView,
+    FlowStartRequested,
+    Message,
+    StatusEvent,
+)
 
-TERMINAL_STATES = ("succeeded", "failed", "compensated", "cancelled")
+A = TypeVar("A", bound=Message)
 REPLY_TO = "amq.rabbitmq.reply-to"
 
 
@@ -113,6 +125,10 @@ REFUSALS: dict[str, type[FlowStartRefused]] = {
     )
 }
 REFUSALS["malformed_json"] = InvalidInput
+
+
+class UnknownExecution(OrchestratorError):
+    reason = "unknown_execution"
 
 
 class Timeout(OrchestratorError, TimeoutError):
@@ -311,38 +327,91 @@ class OrchestratorClient:
             await channel.close()
 
     # ------------------------------------------------------------------ executions
-    async def get_execution(self, execution_id: str, tenant: str | None = None) -> ExecutionView:
-        """The execution as the engine has it (state, steps, attempts, timings, outputs)."""
-        tenant = self._tenant(tenant)
+    async def _ask(self, request: Message, routing_key: str, answer: type[A]) -> A:
+        """Request/reply with the engine through `amq.rabbitmq.reply-to`."""
         async with self._lock:
-            if self._rpc is None:
-                self._rpc = await self.connection.channel()
+            if self._rpc is None or self._rpc.is_closed:
+                self._rpc = await self.connection.channel(publisher_confirms=True)
                 queue = await self._rpc.get_queue(REPLY_TO, ensure=False)
                 await queue.consume(self._on_reply, no_ack=True)
-        query = ExecutionQuery(tenant=tenant, execution_id=execution_id)
-        future: asyncio.Future[ExecutionView] = asyncio.get_running_loop().create_future()
-        self._replies[query.query_id] = future
+            rpc = self._rpc
+        correlation_id = request.message_id()
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._replies[correlation_id] = future
         try:
-            message = to_amqp(query, user_id=self.user)
+            message = to_amqp(request, user_id=self.user)
             message.reply_to = REPLY_TO
-            message.correlation_id = query.query_id
-            exchange = await self._rpc.get_exchange(topology.COMMANDS, ensure=False)
-            await exchange.publish(message, routing_key=topology.query_key(tenant))
+            message.correlation_id = correlation_id
+            exchange = await rpc.get_exchange(topology.COMMANDS, ensure=False)
             try:
-                return await asyncio.wait_for(future, self.timeout_s)
+                await exchange.publish(message, routing_key=routing_key)
+            except ChannelAccessRefused as exc:  # the broker closed the channel
+                self._rpc = None
+                raise Forbidden(f"account {self.user!r} may not ask that ({exc})") from None
+            try:
+                body = await asyncio.wait_for(future, self.timeout_s)
             except TimeoutError:
                 raise Timeout(f"the engine did not answer within {self.timeout_s:g} s") from None
         finally:
-            self._replies.pop(query.query_id, None)
+            self._replies.pop(correlation_id, None)
+        try:
+            return answer.model_validate_json(body)
+        except ValueError as exc:
+            raise OrchestratorError(f"bad answer: {exc}", reason="bad_reply") from None
 
     async def _on_reply(self, message: AbstractIncomingMessage) -> None:
         future = self._replies.get(message.correlation_id or "")
-        if future is None or future.done():
-            return
-        try:
-            future.set_result(ExecutionView.model_validate_json(message.body))
-        except ValueError as exc:
-            future.set_exception(OrchestratorError(f"bad answer: {exc}", reason="bad_reply"))
+        if future is not None and not future.done():
+            future.set_result(message.body)
+
+    async def get_execution(self, execution_id: str, tenant: str | None = None) -> ExecutionView:
+        """The execution as the engine has it (state, steps, attempts, timings, outputs);
+        `found` false if there is none of that tenant (or it expired). An operator account
+        may leave `tenant` out."""
+        tenant = tenant or self.tenant
+        query = ExecutionQuery(tenant=tenant, execution_id=execution_id)
+        return await self._ask(
+            query, topology.query_key(tenant or topology.NO_TENANT), ExecutionView
+        )
+
+    async def list_executions(
+        self,
+        tenant: str | None = None,
+        *,
+        flow: str | None = None,
+        state: str | None = None,
+        since: datetime | None = None,
+        limit: int = 50,
+    ) -> ExecutionPage:
+        """Recent executions, newest first. An operator account may leave `tenant` out
+        for every tenant's; a tenant account lists its own."""
+        tenant = tenant or self.tenant
+        query = ExecutionList.model_validate(
+            {"tenant": tenant, "flow_id": flow, "state": state, "since": since, "limit": limit}
+        )
+        return await self._ask(
+            query, topology.query_key(tenant or topology.NO_TENANT), ExecutionPage
+        )
+
+    async def cancel(
+        self, execution_id: str, reason: str = "cancelled by request", tenant: str | None = None
+    ) -> ExecutionView:
+        """Cancels a running execution: no new step starts, steps in flight finish, completed
+        steps are compensated (latest first), and it ends `cancelled`. Returns the execution
+        right after the request was applied (`cancelling`, or already `cancelled` when
+        nothing was in flight or to undo); an execution already ending or ended is left as
+        it is (see its `status`). Raises UnknownExecution if there is none."""
+        tenant = tenant or self.tenant
+        request = ExecutionCancel(
+            tenant=tenant, execution_id=execution_id, reason=reason, requested_by=self._name[:100]
+        )
+        key = topology.cancel_key(tenant or topology.NO_TENANT)
+        view = await self._ask(request, key, ExecutionView)
+        if not view.found:
+            raise UnknownExecution(
+                f"no execution {execution_id}" + (f" of tenant {tenant!r}" if tenant else "")
+            )
+        return view
 
     async def wait_for(
         self,

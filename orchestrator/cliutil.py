@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from enum import IntEnum
 
 import typer
@@ -18,7 +19,10 @@ class ExitCode(IntEnum):
     CONFIG = 78  # EX_CONFIG from sysexits.h: an ORCH_* variable is invalid
 
 
-console = Console()
+# Piped output is not cut at 80 columns (rich's default without a terminal): tables stay
+# whole for grep and for people reading logs.
+PIPED_WIDTH = 200
+console = Console(width=None if sys.stdout.isatty() else PIPED_WIDTH)
 err_console = Console(stderr=True, soft_wrap=True)  # error lines stay whole for grep
 
 

@@ -18,6 +18,11 @@ from orchestrator.telemetry import get_logger
 
 log = get_logger(__name__)
 
+# The violations consumer's clock: a record with this key is appended to every partition of
+# the usage topic each ORCH_VIOLATIONS_TICK_S (value `{}`). Tenant ids are slugs: no usage
+# record has this key.
+TICK_KEY = b"\x00tick"
+
 USAGE_CONFIG = {"message.timestamp.type": "LogAppendTime", "retention.ms": str(7 * 86_400_000)}
 
 

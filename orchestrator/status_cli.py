@@ -21,7 +21,12 @@ from schemas.status import TYPE_PREFIX
 
 status_app = typer.Typer(help="Status events, live.", no_args_is_help=True)
 
-TERMINAL = {"execution.succeeded": 0, "execution.failed": 1, "execution.compensated": 1}
+TERMINAL = {
+    "execution.succeeded": 0,
+    "execution.failed": 1,
+    "execution.compensated": 1,
+    "execution.cancelled": 1,
+}
 TIMEOUT_EXIT = 124  # as timeout(1)
 
 

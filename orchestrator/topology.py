@@ -14,6 +14,8 @@ from aio_pika.abc import AbstractChannel, AbstractQueue, ExchangeType
 from aiormq.exceptions import ChannelNotFoundEntity
 
 from schemas import (
+    ExecutionCancel,
+    ExecutionList,
     ExecutionQuery,
     ExecutionRequested,
     FlowStartRequested,
@@ -25,6 +27,9 @@ from schemas import (
     StepResult,
     StepTask,
 )
+
+# In a routing key where a tenant goes: none (an operator's question about every tenant).
+NO_TENANT = "_"
 
 COMMANDS = "orchestrator.commands"
 STEPS = "orchestrator.steps"
@@ -144,6 +149,7 @@ EXCHANGES = (
 EXECUTIONS_QUEUE = "engine.executions"
 RESULTS_QUEUE = "engine.results"
 QUERIES_QUEUE = "engine.queries"
+CANCELS_QUEUE = "engine.cancels"
 CONTROL_QUEUE = "control.commands"
 COMPLETIONS_QUEUE = "dispatcher.completions"
 DEFAULT_POOL = "default"
@@ -175,6 +181,11 @@ def flow_start_key(tenant: str) -> str:
 def query_key(tenant: str) -> str:
     """The routing key of tenant T's questions to the engine (ExecutionQuery)."""
     return f"query.{tenant}"
+
+
+def cancel_key(tenant: str) -> str:
+    """The routing key of tenant T's cancel requests (ExecutionCancel)."""
+    return f"cancel.{tenant}"
 
 
 def ingress_queue_name(tenant: str) -> str:
@@ -223,6 +234,7 @@ def build_topology(pools: tuple[str, ...] = (DEFAULT_POOL,)) -> Topology:
             "Questions about executions (request/reply: the answer goes to reply_to).",
             consumer="engine",
         ),
+        Queue(CANCELS_QUEUE, "Requests to cancel executions.", consumer="engine"),
         Queue(
             CONTROL_QUEUE,
             "Control commands, applied to the tenant state in Redis.",
@@ -259,7 +271,13 @@ def build_topology(pools: tuple[str, ...] = (DEFAULT_POOL,)) -> Topology:
             COMMANDS, EXECUTIONS_QUEUE, "execution.requested", (ExecutionRequested.message_type,)
         ),
         Binding(COMMANDS, RESULTS_QUEUE, "step.result", (StepResult.message_type,)),
-        Binding(COMMANDS, QUERIES_QUEUE, "query.*", (ExecutionQuery.message_type,)),
+        Binding(
+            COMMANDS,
+            QUERIES_QUEUE,
+            "query.*",
+            (ExecutionQuery.message_type, ExecutionList.message_type),
+        ),
+        Binding(COMMANDS, CANCELS_QUEUE, "cancel.*", (ExecutionCancel.message_type,)),
         Binding(COMMANDS, COMPLETIONS_QUEUE, "step.result", (StepResult.message_type,)),
         Binding(
             CONTROL,
@@ -304,7 +322,22 @@ ROUTES: dict[type[Message], Route] = {
     ),
     StepResult: Route(COMMANDS, "step.result", lambda m: "step.result", "worker"),
     ExecutionQuery: Route(
-        COMMANDS, "query.{tenant}", lambda m: query_key(m.tenant), "tenants, operators"
+        COMMANDS,
+        "query.{tenant}",
+        lambda m: query_key(m.tenant or NO_TENANT),
+        "tenants, operators (tenant `_`: any tenant's, operators only)",
+    ),
+    ExecutionList: Route(
+        COMMANDS,
+        "query.{tenant}",
+        lambda m: query_key(m.tenant or NO_TENANT),
+        "tenants, operators (tenant `_`: every tenant's, operators only)",
+    ),
+    ExecutionCancel: Route(
+        COMMANDS,
+        "cancel.{tenant}",
+        lambda m: cancel_key(m.tenant or NO_TENANT),
+        "tenants, operators (tenant `_`: any tenant's, operators only)",
     ),
     # The engine publishes into the tenant's fair queue; the dispatcher republishes to
     # orchestrator.work with the pool as routing key (see `work_route`).

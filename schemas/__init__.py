@@ -7,8 +7,13 @@ from schemas.catalog import MESSAGES, message_model
 from schemas.common import SCHEMA_VERSION, Message
 from schemas.control import PenaltyCommand, QuarantineCommand, ReleaseCommand
 from schemas.executions import (
+    TERMINAL_STATES,
+    ExecutionCancel,
+    ExecutionList,
+    ExecutionPage,
     ExecutionQuery,
     ExecutionRequested,
+    ExecutionSummary,
     ExecutionView,
     FlowStartRequested,
     StepView,
@@ -27,9 +32,14 @@ from schemas.usage import UsageEvent
 __all__ = [
     "MESSAGES",
     "SCHEMA_VERSION",
+    "TERMINAL_STATES",
     "CatchUpPolicy",
+    "ExecutionCancel",
+    "ExecutionList",
+    "ExecutionPage",
     "ExecutionQuery",
     "ExecutionRequested",
+    "ExecutionSummary",
     "ExecutionView",
     "FlowDefinition",
     "FlowStartRequested",

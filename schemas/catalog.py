@@ -5,6 +5,9 @@ from __future__ import annotations
 from schemas.common import Contract, Message
 from schemas.control import PenaltyCommand, QuarantineCommand, ReleaseCommand
 from schemas.executions import (
+    ExecutionCancel,
+    ExecutionList,
+    ExecutionPage,
     ExecutionQuery,
     ExecutionRequested,
     ExecutionView,
@@ -29,6 +32,9 @@ MESSAGES: dict[str, type[Message]] = {
         ReleaseCommand,
         ExecutionQuery,
         ExecutionView,
+        ExecutionList,
+        ExecutionPage,
+        ExecutionCancel,
     )
 }
 

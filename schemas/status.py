@@ -28,7 +28,7 @@ NO_ID = "_"
 
 # Every (entity, state) the system reports. Adding one is a contract change: regenerate the docs.
 STATES: dict[str, tuple[str, ...]] = {
-    "execution": ("started", "succeeded", "failed", "compensated"),
+    "execution": ("started", "cancelling", "succeeded", "failed", "compensated", "cancelled"),
     "step": ("dispatched", "started", "succeeded", "failed", "retrying", "waiting", "compensated"),
     "tick": ("fired", "skipped", "coalesced", "buffered"),
     "flow_start": ("accepted", "rejected"),

@@ -8,8 +8,12 @@ from typing import Any
 
 from schemas import (
     MESSAGES,
+    ExecutionCancel,
+    ExecutionList,
+    ExecutionPage,
     ExecutionQuery,
     ExecutionRequested,
+    ExecutionSummary,
     ExecutionView,
     FlowDefinition,
     FlowStartRequested,
@@ -147,6 +151,25 @@ def sample(message_type: str, tenant: str = "acme") -> Message:
             started_at=NOW,
             finished_at=NOW + timedelta(seconds=2),
             steps={"a": StepView(status="succeeded", attempt=1, output={"ok": True})},
+        ),
+        ExecutionList.message_type: lambda: ExecutionList(
+            tenant=tenant, flow_id="daily-sync", state="failed", since=NOW, query_id="q-2"
+        ),
+        ExecutionPage.message_type: lambda: ExecutionPage(
+            query_id="q-2",
+            items=[
+                ExecutionSummary(
+                    execution_id=execution,
+                    tenant=tenant,
+                    flow_id="daily-sync",
+                    status="failed",
+                    started_at=NOW,
+                    finished_at=NOW + timedelta(seconds=2),
+                )
+            ],
+        ),
+        ExecutionCancel.message_type: lambda: ExecutionCancel(
+            tenant=tenant, execution_id=execution, reason="not needed", request_id="c-1"
         ),
     }
     assert set(builders) == set(MESSAGES), "every message type needs a sample"

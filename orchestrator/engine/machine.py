@@ -6,7 +6,8 @@ state together with the effects (outbox and timers) atomically, then carries the
 Lifecycle: running -> succeeded, or, when a step finally fails: failing (in-flight steps
 finish, nothing new starts) -> compensating (completed steps with a compensation are undone
 in reverse completion order, one at a time) -> compensated, or failed when there was nothing
-to compensate or a compensation failed.
+to compensate or a compensation failed. A cancel request takes a running execution the same
+way, through cancelling -> compensating, to cancelled (failed if a compensation fails).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from schemas import FlowDefinition, StatusEvent, StepResult, StepTask
+from schemas import TERMINAL_STATES, FlowDefinition, StatusEvent, StepResult, StepTask
+from schemas.executions import ExecutionState
 from schemas.flows import RetryPolicy, StepDefinition
 from schemas.steps import attempt_id
 
@@ -29,14 +31,12 @@ StepStatus = Literal[
     "retry_wait",  # failed attempt, next one after a backoff
     "succeeded",
     "failed",
-    "cancelled",  # never ran because the execution failed first
+    "cancelled",  # never ran because the execution failed or was cancelled first
     "compensating",
     "compensated",
 ]
-ExecutionStatus = Literal[
-    "running", "failing", "compensating", "succeeded", "failed", "compensated"
-]
-TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "compensated"})
+ExecutionStatus = ExecutionState
+TERMINAL: frozenset[str] = frozenset(TERMINAL_STATES)
 # The engine retries an attempt whose result has not arrived this long after its deadline
 # (the worker enforces the deadline itself; this covers a worker that vanished).
 DEADLINE_GRACE = timedelta(seconds=5)
@@ -70,6 +70,7 @@ class Execution(BaseModel):
     sequence: int = 0
     finished_count: int = 0
     failure: dict[str, Any] | None = None
+    cancellation: dict[str, Any] | None = None  # reason, requested_by, at
     started_at: datetime
     finished_at: datetime | None = None
     # The terminal status event as published: clients asking after the end get it as it was.
@@ -101,6 +102,7 @@ class Effects:
     timers: list[Timer] = field(default_factory=list)
     cancel_timers: list[str] = field(default_factory=list)
     release_lease: bool = False
+    created: bool = False  # the transition that started the execution
 
     def __bool__(self) -> bool:
         return bool(
@@ -216,6 +218,7 @@ class Transition:
 
     # ------------------------------------------------------------------ transitions
     def start(self) -> Effects:
+        self.effects.created = True
         self.status("execution", "started", {"fire_id": self.x.fire_id, "steps": len(self.x.steps)})
         for step_id in self.ready_steps():
             self.dispatch(step_id)
@@ -252,6 +255,21 @@ class Transition:
                 else {"type": "Unknown", "retryable": True}
             )
             self.attempt_failed(result.step_id, result.kind, error)
+        return self.effects
+
+    def cancel(self, reason: str, requested_by: str | None) -> Effects:
+        """Stops a running execution: nothing new starts, what is in flight finishes, what
+        completed is compensated. An execution already on its way out is left to end so."""
+        if self.x.status != "running":
+            return self.effects
+        self.x.status = "cancelling"
+        self.x.cancellation = {
+            "reason": reason,
+            "requested_by": requested_by,
+            "at": self.now.isoformat(),
+        }
+        self.status("execution", "cancelling", {"cancellation": self.x.cancellation})
+        self.maybe_begin_compensation()
         return self.effects
 
     def timer(self, timer: Timer) -> Effects:
@@ -315,7 +333,7 @@ class Transition:
         self.x.finished_count += 1
         state.finished = self.x.finished_count
         self.status("step", "succeeded", {"step_id": step_id, "attempt": result.attempt})
-        if self.x.status == "failing":
+        if self.x.status in ("failing", "cancelling"):
             self.maybe_begin_compensation()
             return
         for ready in self.ready_steps():
@@ -406,6 +424,9 @@ class Transition:
             _, step_id = max(candidates)
             self.dispatch(step_id, "compensation")
             return
+        if self.x.cancellation is not None:
+            self.finish("cancelled")
+            return
         compensated = any(s.status == "compensated" for s in self.x.steps.values())
         self.finish("compensated" if compensated else "failed")
 
@@ -417,6 +438,8 @@ class Transition:
         }
         if self.x.failure:
             data["failure"] = self.x.failure
+        if self.x.cancellation:
+            data["cancellation"] = self.x.cancellation
         if outcome == "succeeded":
             data["outputs"] = {sid: s.output for sid, s in self.x.steps.items()}
         self.status("execution", outcome, data)

@@ -14,21 +14,25 @@ from prometheus_client import Counter
 
 from orchestrator import topology
 from orchestrator.accounts import tenant_of_user
-from orchestrator.amqp import InvalidMessage, decode, open_channel, publish
+from orchestrator.amqp import InvalidMessage, decode, decode_any, open_channel, publish
 from orchestrator.clock import Clock, SystemClock, from_ms, to_ms
 from orchestrator.config import Settings
 from orchestrator.consumer import Consumer
 from orchestrator.engine.machine import Effects, Execution, Timer, Transition, new_execution
 from orchestrator.engine.store import ExecutionStore, OutboxEntry
-from orchestrator.engine.views import execution_view
+from orchestrator.engine.views import execution_page, execution_view
 from orchestrator.store import Keys
 from orchestrator.store.admission import AdmissionStore
 from orchestrator.store.flows import FlowRegistry
 from orchestrator.store.tenants import TenantStore
 from orchestrator.telemetry import bound_context, get_logger
 from schemas import (
+    ExecutionCancel,
+    ExecutionList,
+    ExecutionPage,
     ExecutionQuery,
     ExecutionRequested,
+    ExecutionView,
     Message,
     StatusEvent,
     StepResult,
@@ -40,6 +44,7 @@ log = get_logger(__name__)
 TIMER_BATCH = 500
 MAX_IDLE_S = 0.5
 OUTBOX_SWEEP_S = 5.0
+LIST_SCAN_MAX = 5_000  # executions read per list request with filters
 
 EXECUTIONS = Counter("orchestrator_executions_total", "Executions reaching a state", ["state"])
 
@@ -94,8 +99,15 @@ class Engine:
             ),
             Consumer(
                 topology.QUERIES_QUEUE,
-                lambda incoming: decode(incoming, ExecutionQuery),
+                lambda incoming: decode_any(incoming, (ExecutionQuery, ExecutionList)),
                 self._on_query,
+                stop=stop,
+                retry_limit_s=self.settings.outage_limit_s,
+            ),
+            Consumer(
+                topology.CANCELS_QUEUE,
+                lambda incoming: decode(incoming, ExecutionCancel),
+                self._on_cancel,
                 stop=stop,
                 retry_limit_s=self.settings.outage_limit_s,
             ),
@@ -153,29 +165,67 @@ class Engine:
         await self.store.transact(request.execution_id, mutate)
         await self._flush(request.execution_id)
 
-    async def _on_query(self, query: ExecutionQuery, incoming: AbstractIncomingMessage) -> None:
-        """Answers on the asker's reply_to. A tenant account asks about its own tenant only
-        (the broker lets it publish `query.<its tenant>` alone; the body must agree), and
-        learns nothing of other tenants' executions."""
-        if incoming.routing_key != topology.query_key(query.tenant):
+    def _authorize(self, incoming: AbstractIncomingMessage, tenant: str | None, key: str) -> None:
+        """A tenant account acts for its own tenant only: the broker lets it publish with its
+        own routing key alone (`query.T`, `cancel.T`); the body must agree with the key, and
+        with the account. Questions about every tenant (`tenant` none) are operators'."""
+        if incoming.routing_key != key:
             raise InvalidMessage(
-                "forbidden", f"a query for tenant {query.tenant!r} under another tenant's key"
+                "forbidden", f"a request for tenant {tenant!r} under another tenant's key"
             )
         owner = tenant_of_user(incoming.user_id or "", self.settings.account_prefix)
-        if owner is not None and owner != query.tenant:
-            raise InvalidMessage("forbidden", f"account of {owner!r} asked about {query.tenant!r}")
+        if owner is not None and owner != tenant:
+            raise InvalidMessage("forbidden", f"account of {owner!r} asked about {tenant!r}")
+
+    async def _on_query(
+        self, query: ExecutionQuery | ExecutionList, incoming: AbstractIncomingMessage
+    ) -> None:
+        """Answers on the asker's reply_to; learns nothing of other tenants' executions."""
         if not incoming.reply_to:
             raise InvalidMessage("no_reply_to", "a query needs reply_to (and a correlation_id)")
-        view = execution_view(await self.store.load(query.execution_id), query)
+        answer: ExecutionView | ExecutionPage
+        key = topology.query_key(query.tenant or topology.NO_TENANT)
+        self._authorize(incoming, query.tenant, key)
+        if isinstance(query, ExecutionQuery):
+            execution = await self.store.load(query.execution_id)
+            answer = execution_view(execution, query.tenant, query.execution_id)
+        else:
+            tenants = [query.tenant] if query.tenant else await self.tenants.tenants()
+            filtered = query.flow_id is not None or query.state is not None
+            scan = min(query.limit * 20, LIST_SCAN_MAX) if filtered else query.limit
+            since_ms = to_ms(query.since) if query.since else None
+            executions, more = await self.store.recent(tenants, since_ms, scan)
+            answer = execution_page(executions, query, more)
+        await self._reply(incoming, answer)
+
+    async def _on_cancel(self, request: ExecutionCancel, incoming: AbstractIncomingMessage) -> None:
+        key = topology.cancel_key(request.tenant or topology.NO_TENANT)
+        self._authorize(incoming, request.tenant, key)
+        with bound_context(tenant=request.tenant, execution=request.execution_id):
+            execution = await self.store.load(request.execution_id)
+            if execution is not None and request.tenant in (None, execution.tenant):
+                requested_by = request.requested_by or incoming.user_id
+                await self._advance(
+                    request.execution_id, lambda t: t.cancel(request.reason, requested_by)
+                )
+                execution = await self.store.load(request.execution_id)
+                log.info("engine.cancel", state=execution.status if execution else None)
+            if incoming.reply_to:
+                view = execution_view(execution, request.tenant, request.execution_id)
+                await self._reply(incoming, view)
+
+    async def _reply(self, incoming: AbstractIncomingMessage, answer: Message) -> None:
+        """To the asker's reply_to through the default exchange (direct reply-to has no
+        confirms; the asker retries a lost answer)."""
         underlay = cast(aiormq.Channel, await (await self.channel()).get_underlay_channel())
         await underlay.basic_publish(
-            view.to_bytes(),
+            answer.to_bytes(),
             exchange="",
-            routing_key=incoming.reply_to,
+            routing_key=incoming.reply_to or "",
             properties=aiormq.spec.Basic.Properties(
-                content_type=view.content_type,
-                message_type=view.message_type,
-                message_id=view.message_id(),
+                content_type=answer.content_type,
+                message_type=answer.message_type,
+                message_id=answer.message_id(),
                 correlation_id=incoming.correlation_id,
             ),
             timeout=10,

@@ -93,6 +93,10 @@ class EngineKeys:
     def execution(self, execution_id: str) -> str:
         return f"{self.prefix}exec:{execution_id}"
 
+    def index(self, tenant: str) -> str:
+        """A tenant's executions by start time (ms), for listing; trimmed to the state TTL."""
+        return f"{self.prefix}executions:{tenant}"
+
     def outbox(self, execution_id: str) -> str:
         return f"{self.prefix}exec:{execution_id}:outbox"
 
@@ -161,6 +165,11 @@ class ExecutionStore:
             pipe.hset(self.keys.live, eid, flow)
         if entries:
             pipe.rpush(self.keys.outbox(eid), *entries)
+        if effects.created:
+            started_ms = int(execution.started_at.timestamp() * 1000)
+            index = self.keys.index(execution.tenant)
+            pipe.zadd(index, {eid: started_ms})
+            pipe.zremrangebyscore(index, "-inf", started_ms - self.state_ttl_s * 1000)
         for timer in effects.timers:
             pipe.zadd(self.keys.timers, {f"{eid}|{timer.key}": int(timer.at.timestamp() * 1000)})
         for timer_key in effects.cancel_timers:
@@ -201,6 +210,24 @@ class ExecutionStore:
             if len(found) >= limit:
                 break
         return found
+
+    async def recent(
+        self, tenants: list[str], since_ms: int | None, scan: int
+    ) -> tuple[list[Execution], bool]:
+        """Up to `scan` executions of the tenants, newest first, started at or after
+        `since_ms`; and whether there were more."""
+        low = "-inf" if since_ms is None else since_ms
+        candidates: list[tuple[float, str]] = []
+        for tenant in tenants:
+            found = await self.redis.zrevrangebyscore(
+                self.keys.index(tenant), "+inf", low, start=0, num=scan + 1, withscores=True
+            )
+            candidates += [(float(pair[1]), str(pair[0])) for pair in found]
+        candidates.sort(reverse=True)
+        more = len(candidates) > scan
+        ids = [eid for _, eid in candidates[:scan]]
+        raws = await self.redis.mget([self.keys.execution(eid) for eid in ids]) if ids else []
+        return [Execution.model_validate_json(raw) for raw in raws if raw is not None], more
 
     # ------------------------------------------------------------------ timers
     async def due_timers(self, now_ms: int, limit: int) -> list[str]:

@@ -1,17 +1,20 @@
-"""What the engine answers about an execution (ExecutionQuery -> ExecutionView): the stored
-state, shaped for clients. Pure."""
+"""What the engine answers about executions (ExecutionQuery -> ExecutionView, ExecutionList
+-> ExecutionPage): the stored state, shaped for clients. Pure."""
 
 from __future__ import annotations
 
 from orchestrator.engine.machine import Execution
-from schemas import ExecutionQuery, ExecutionView, StepView
+from schemas import ExecutionList, ExecutionPage, ExecutionSummary, ExecutionView, StepView
 
 
-def execution_view(execution: Execution | None, query: ExecutionQuery) -> ExecutionView:
-    """The view of `execution` for the tenant that asked: not found unless it is theirs (a
-    tenant learns nothing of another's executions, not even that they exist)."""
-    if execution is None or execution.tenant != query.tenant:
-        return ExecutionView(found=False, execution_id=query.execution_id, tenant=query.tenant)
+def execution_view(
+    execution: Execution | None, tenant: str | None, execution_id: str
+) -> ExecutionView:
+    """The view of `execution` for the tenant that asked (None: an operator, any tenant):
+    not found unless it is theirs (a tenant learns nothing of another's executions, not even
+    that they exist)."""
+    if execution is None or tenant not in (None, execution.tenant):
+        return ExecutionView(found=False, execution_id=execution_id, tenant=tenant)
     return ExecutionView(
         found=True,
         execution_id=execution.execution_id,
@@ -21,7 +24,9 @@ def execution_view(execution: Execution | None, query: ExecutionQuery) -> Execut
         started_at=execution.started_at,
         finished_at=execution.finished_at,
         steps={
-            step_id: StepView(
+            step.id: StepView(
+                type=step.type,
+                depends_on=list(step.depends_on),
                 status=state.status,
                 attempt=state.attempt,
                 output=state.output,
@@ -29,8 +34,38 @@ def execution_view(execution: Execution | None, query: ExecutionQuery) -> Execut
                 dispatched_at=state.dispatched_at,
                 finished_at=state.finished_at,
             )
-            for step_id, state in execution.steps.items()
+            for step in execution.definition.steps
+            for state in (execution.steps[step.id],)
         },
         failure=execution.failure,
+        cancellation=execution.cancellation,
         outcome=execution.outcome,
+    )
+
+
+def matches(execution: Execution, query: ExecutionList) -> bool:
+    return (
+        (query.tenant is None or execution.tenant == query.tenant)
+        and (query.flow_id is None or execution.flow_id == query.flow_id)
+        and (query.state is None or execution.status == query.state)
+    )
+
+
+def execution_page(executions: list[Execution], query: ExecutionList, more: bool) -> ExecutionPage:
+    """The newest `query.limit` of `executions` (newest first) that match the filters."""
+    chosen = [x for x in executions if matches(x, query)]
+    return ExecutionPage(
+        query_id=query.query_id,
+        items=[
+            ExecutionSummary(
+                execution_id=x.execution_id,
+                tenant=x.tenant,
+                flow_id=x.flow_id,
+                status=x.status,
+                started_at=x.started_at,
+                finished_at=x.finished_at,
+            )
+            for x in chosen[: query.limit]
+        ],
+        truncated=more or len(chosen) > query.limit,
     )

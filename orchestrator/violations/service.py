@@ -43,7 +43,6 @@ from schemas import Message, ReleaseCommand, StatusEvent, UsageEvent
 
 log = get_logger(__name__)
 
-TICK_KEY = b"\x00tick"  # tenant ids are slugs: no record of theirs has this key
 STATES = {"warn": "warned", "penalty": "penalized", "quarantine": "quarantined"}
 INTERVALS_REFRESH_S = 30.0
 RETRY_MAX_S = 5.0
@@ -200,7 +199,7 @@ class ViolationsConsumer:
                         if message.partition != partition:
                             continue
                         appended_ms = int(message.timestamp * 1000)
-                        if event.key == TICK_KEY:
+                        if event.key == kafka.TICK_KEY:
                             await self._on_tick(partition, appended_ms)
                         else:
                             await self._on_usage(event, dlq, appended_ms)
@@ -218,7 +217,7 @@ class ViolationsConsumer:
         @app.timer(interval=settings.violations_tick_s, on_leader=True)  # type: ignore[untyped-decorator]
         async def tick() -> None:
             for partition in range(partitions):
-                await usage.send(key=TICK_KEY, value=b"{}", partition=partition)
+                await usage.send(key=kafka.TICK_KEY, value=b"{}", partition=partition)
 
         return app
 

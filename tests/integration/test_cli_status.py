@@ -104,3 +104,51 @@ async def test_status_tail_prints_count_events_as_json_lines(system: System) -> 
     assert done.returncode == 0, done.stderr
     kinds = [json.loads(line)["type"] for line in done.stdout.splitlines()]
     assert kinds == ["io.orchestrator.execution.started", "io.orchestrator.execution.succeeded"]
+
+
+async def test_executions_list_show_and_cancel(system: System) -> None:
+    await system.apply(
+        {
+            "tenant": "acme",
+            "id": "slow",
+            "steps": [
+                {"id": "a", "type": "demo.sleep", "input": {"ms": 20_000}},
+                {"id": "b", "type": "demo.echo", "depends_on": ["a"]},
+            ],
+        }
+    )
+    done = await run(system.settings, "flows", "trigger", "acme/ok", "--wait", "--timeout", "30")
+    ok_id = done.stdout.splitlines()[0].split("execution ")[1].split()[0]
+    started = await run(system.settings, "flows", "trigger", "acme/slow")
+    slow_id = started.stdout.split("execution ")[1].split()[0]
+
+    listed = await run(system.settings, "executions", "list", "--tenant", "acme", "--json")
+    assert listed.returncode == 0, listed.stderr
+    items = json.loads(listed.stdout)["items"]
+    assert [i["execution_id"] for i in items][:2] == [slow_id, ok_id]  # newest first
+    only_ok = await run(
+        system.settings, "executions", "list", "--tenant", "acme", "--state", "succeeded", "--json"
+    )
+    assert {i["flow_id"] for i in json.loads(only_ok.stdout)["items"]} == {"ok"}
+
+    shown = await run(system.settings, "executions", "show", slow_id, "--json")
+    view = json.loads(shown.stdout)
+    assert view["status"] == "running"
+    assert view["steps"]["b"]["depends_on"] == ["a"]
+    text = await run(system.settings, "executions", "show", ok_id, "--text")
+    assert "succeeded" in text.stdout
+    assert "demo.echo" in text.stdout
+
+    cancelled = await run(system.settings, "executions", "cancel", slow_id, "--reason", "test")
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert "cancelling" in cancelled.stdout  # step a is still sleeping
+    late = await run(system.settings, "executions", "cancel", ok_id)
+    assert late.returncode == 1
+    assert "it is succeeded" in late.stderr
+
+    missing = await run(system.settings, "executions", "show", "no-such-execution")
+    assert missing.returncode == 1
+    assert "no execution no-such-execution" in missing.stderr
+    bad = await run(system.settings, "executions", "list", "--since", "yesterday")
+    assert bad.returncode == 2
+    assert "--since 'yesterday'" in bad.stderr

@@ -18,12 +18,14 @@ from orchestrator.client import (
     Paused,
     Quarantined,
     RateLimited,
+    UnknownExecution,
     UnknownFlow,
     UnknownTenant,
 )
 from orchestrator.config import Settings
 from orchestrator.store.admission import AdmissionStore
 from orchestrator.store.flows import FlowRegistry
+from schemas import ExecutionList, ExecutionPage
 from tests.integration.helpers import fresh_settings, reset_queues
 from tests.integration.system import System, running_system
 
@@ -40,6 +42,22 @@ FLOWS = [
         ],
     },
     {"tenant": "acme", "id": "paused", "steps": [{"id": "a", "type": "demo.echo"}]},
+    {
+        "tenant": "acme",
+        "id": "saga",
+        "overlap": "allow",
+        "steps": [
+            {"id": "a", "type": "demo.echo", "compensation": "demo.echo"},
+            {
+                "id": "b",
+                "type": "demo.sleep",
+                "depends_on": ["a"],
+                "input": {"ms": 1500},
+                "compensation": "demo.echo",
+            },
+            {"id": "c", "type": "demo.echo", "depends_on": ["b"]},
+        ],
+    },
     {"tenant": "globex", "id": "chain", "steps": [{"id": "a", "type": "demo.echo"}]},
 ]
 
@@ -174,3 +192,73 @@ async def test_a_durable_subscriber_stopped_for_10_s_misses_nothing(
         assert set(got[1:]) == set(started[1:])
         await events.aclose()  # type: ignore[attr-defined]
         await client.unsubscribe("billing")
+
+
+async def test_cancel_mid_dag_compensates_completed_steps_and_ends_cancelled(
+    acme: tuple[System, Account],
+) -> None:
+    system, account = acme
+    async with client_for(system.settings, account) as client:
+        events = client.subscribe("acme.saga.#")
+        first = asyncio.ensure_future(anext(events))
+        await asyncio.sleep(0.5)
+        execution_id = await client.start_flow("acme", "saga")
+        seen = [await asyncio.wait_for(first, 30)]
+        while not (seen[-1].type.endswith("step.dispatched") and seen[-1].data["step_id"] == "b"):
+            seen.append(await asyncio.wait_for(anext(events), 30))
+        view = await client.cancel(execution_id, "no longer needed")
+        assert view.status == "cancelling"  # b is still running
+        assert view.cancellation is not None
+        assert view.cancellation["reason"] == "no longer needed"
+        outcome = await client.wait_for(execution_id, timeout=30)
+        assert outcome.type == "io.orchestrator.execution.cancelled"
+        while seen[-1].type != "io.orchestrator.execution.cancelled":
+            seen.append(await asyncio.wait_for(anext(events), 30))
+        await events.aclose()  # type: ignore[attr-defined]
+        mine = [e.type.removeprefix("io.orchestrator.") for e in seen if e.subject == execution_id]
+        terminal = [
+            t
+            for t in mine
+            if t.split(".")[-1] in ("succeeded", "failed", "compensated", "cancelled")
+            and t.startswith("execution.")
+        ]
+        assert terminal == ["execution.cancelled"]  # exactly one terminal event
+        assert mine.index("execution.cancelling") < mine.index("execution.cancelled")
+        view = await client.get_execution(execution_id)
+        assert view.status == "cancelled"
+        assert {k: s.status for k, s in view.steps.items()} == {
+            "a": "compensated",
+            "b": "compensated",  # it was in flight, finished, then was undone
+            "c": "cancelled",  # never started
+        }
+        # A second cancel changes nothing and says so.
+        again = await client.cancel(execution_id)
+        assert again.status == "cancelled"
+        assert again.cancellation == view.cancellation
+
+
+async def test_executions_of_other_tenants_cannot_be_cancelled_or_listed(
+    acme: tuple[System, Account],
+) -> None:
+    system, account = acme
+    async with OrchestratorClient(str(system.settings.rabbitmq_url)) as operator:
+        globex_execution = await operator.start_flow("globex", "chain")
+        await operator.wait_for(globex_execution, timeout=30, tenant="globex")
+        everyone = await operator.list_executions()
+        assert globex_execution in {i.execution_id for i in everyone.items}
+        # An operator may name no tenant at all.
+        assert (await operator.get_execution(globex_execution)).tenant == "globex"
+    async with client_for(system.settings, account) as client:
+        acme_execution = await client.start_flow("acme", "chain")
+        await client.wait_for(acme_execution, timeout=30)
+        with pytest.raises(UnknownExecution):
+            await client.cancel(globex_execution)
+        page = await client.list_executions()
+        assert {i.tenant for i in page.items} == {"acme"}
+        assert acme_execution in {i.execution_id for i in page.items}
+        succeeded = await client.list_executions(flow="chain", state="succeeded", limit=1)
+        assert [i.execution_id for i in succeeded.items] == [acme_execution]  # newest first
+        # The broker refuses a tenant account asking about every tenant (`query._`).
+        with pytest.raises(Forbidden):
+            await client._ask(ExecutionList(query_id="q-x"), "query._", ExecutionPage)
+        assert (await client.get_execution(acme_execution)).found  # and the client goes on

@@ -192,3 +192,81 @@ def test_backoff_is_capped_and_jittered() -> None:
     rng = random.Random(1)
     assert 40 <= backoff(policy, 5, rng) <= 60
     assert backoff(RetryPolicy(jitter=0, initial_backoff_s=2), 1) == 2
+
+
+# ---------------------------------------------------------------- cancel
+SAGA = flow(
+    [
+        {"id": "a", "type": "demo.echo", "compensation": "demo.undo"},
+        {"id": "b", "type": "demo.echo", "depends_on": ["a"], "compensation": "demo.undo"},
+        {"id": "c", "type": "demo.echo", "depends_on": ["a"]},
+        {"id": "d", "type": "demo.echo", "depends_on": ["b", "c"]},
+    ]
+)
+
+
+def test_cancel_mid_dag_waits_for_in_flight_then_compensates_and_ends_cancelled() -> None:
+    x = execution(SAGA)
+    Transition(x, NOW).start()
+    Transition(x, NOW).result(result(x, "a", output={"id": 1}))  # b and c now in flight
+    fx = Transition(x, NOW).cancel("not needed", "ops")
+    assert x.status == "cancelling"
+    assert types(fx) == ["execution.cancelling"]
+    assert not fx.tasks  # nothing new starts, and nothing is undone while b, c run
+    fx = Transition(x, NOW).result(result(x, "b"))
+    assert not fx.tasks  # d does not start: c is still in flight
+    fx = Transition(x, NOW).result(result(x, "c"))
+    (undo_b,) = fx.tasks  # latest completed first: b (c has no compensation)
+    assert (undo_b.step_id, undo_b.kind) == ("b", "compensation")
+    assert x.steps["d"].status == "cancelled"
+    fx = Transition(x, NOW).result(result(x, "b", kind="compensation"))
+    (undo_a,) = fx.tasks
+    assert undo_a.step_id == "a"
+    fx = Transition(x, NOW).result(result(x, "a", kind="compensation"))
+    assert x.status == "cancelled"
+    assert x.terminal
+    assert fx.release_lease
+    terminal = [e for e in fx.statuses if e.type.startswith("io.orchestrator.execution.")]
+    assert [e.type for e in terminal] == ["io.orchestrator.execution.cancelled"]
+    assert terminal[0].data["cancellation"]["reason"] == "not needed"
+    assert x.outcome is not None
+    assert x.outcome["type"] == "io.orchestrator.execution.cancelled"
+
+
+def test_cancel_with_nothing_in_flight_or_to_undo_ends_at_once() -> None:
+    x = execution(flow([{"id": "a", "type": "demo.echo", "retry": {"max_attempts": 3}}]))
+    Transition(x, NOW).start()
+    fx = Transition(x, NOW).result(result(x, "a", ok=False))  # a waits for its retry
+    (retry,) = [t for t in fx.timers if t.kind == "retry"]
+    fx = Transition(x, NOW).cancel("stop", None)
+    assert x.status == "cancelled"
+    assert types(fx) == ["execution.cancelling", "execution.cancelled"]
+    assert f"retry|a|{retry.attempt}" in fx.cancel_timers
+    assert not Transition(x, retry.at).timer(retry)  # the retry never runs
+
+
+def test_cancel_of_an_ending_or_ended_execution_changes_nothing() -> None:
+    x = execution(flow([{"id": "a", "type": "demo.echo"}]))
+    Transition(x, NOW).start()
+    Transition(x, NOW).result(result(x, "a"))
+    assert x.status == "succeeded"
+    before = x.model_dump()
+    assert not Transition(x, NOW).cancel("late", None)
+    assert x.model_dump() == before
+    failing = execution(SAGA)
+    Transition(failing, NOW).start()
+    Transition(failing, NOW).result(result(failing, "a"))
+    Transition(failing, NOW).result(result(failing, "b", ok=False, retryable=False))
+    assert failing.status == "failing"
+    assert not Transition(failing, NOW).cancel("late", None)
+    assert failing.cancellation is None
+
+
+def test_cancel_in_flight_step_that_fails_is_not_retried() -> None:
+    x = execution(flow([{"id": "a", "type": "demo.echo", "retry": {"max_attempts": 5}}]))
+    Transition(x, NOW).start()
+    Transition(x, NOW).cancel("stop", None)
+    fx = Transition(x, NOW).result(result(x, "a", ok=False))
+    assert not fx.tasks
+    assert not [t for t in fx.timers if t.kind == "retry"]
+    assert x.status == "cancelled"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from orchestrator import topology
-from schemas import MESSAGES, ExecutionView, UsageEvent
+from schemas import MESSAGES, ExecutionPage, ExecutionView, UsageEvent
 
 
 def test_every_consuming_queue_is_quorum_with_dlq_and_delivery_limit() -> None:
@@ -35,8 +35,10 @@ def test_tenant_queue_pushes_back_on_floods() -> None:
 
 def test_every_amqp_message_has_a_route_to_a_declared_exchange() -> None:
     exchanges = {e.name for e in topology.TOPOLOGY.exchanges}
-    # Usage is Kafka; a view is a reply, sent to the asker's reply_to.
-    amqp_messages = {m for m in MESSAGES.values() if m not in (UsageEvent, ExecutionView)}
+    # Usage is Kafka; views and pages are replies, sent to the asker's reply_to.
+    amqp_messages = {
+        m for m in MESSAGES.values() if m not in (UsageEvent, ExecutionView, ExecutionPage)
+    }
     assert set(topology.ROUTES) == amqp_messages
     for route in topology.ROUTES.values():
         assert route.exchange in exchanges
