@@ -8,9 +8,9 @@ import importlib
 import json
 import logging
 import uuid
-from datetime import UTC, datetime, timedelta
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import redis.asyncio as aioredis
 import typer
@@ -26,29 +26,27 @@ from orchestrator import (
     kafka,
     runtime,
     status_cli,
-    store,
     topology,
 )
 from orchestrator.accounts import ManagementError, Role, tenant_of_user, user_of
 from orchestrator.amqp import connect, open_channel, publish
-from orchestrator.cliutil import ExitCode, console, err_console, settings_or_exit
-from orchestrator.clock import SystemClock, from_ms
+from orchestrator.cliutil import ExitCode, console, err_console, fail, settings_or_exit
+from orchestrator.clock import from_ms
 from orchestrator.config import Settings
 from orchestrator.dispatcher.service import Dispatcher
 from orchestrator.engine.service import Engine
 from orchestrator.flowfiles import FlowFileError, load_flow_files
 from orchestrator.health import check_all
+from orchestrator.operator import Operator
 from orchestrator.runtime import Body
 from orchestrator.scheduler.service import Scheduler, execution_id_for, request_fire_id
-from orchestrator.store.admission import AdmissionStore
-from orchestrator.store.flows import FlowRegistry
-from orchestrator.store.tenants import TenantStore
-from orchestrator.store.workers import live_workers
 from orchestrator.violations.policy import PolicyError, load_policy
 from orchestrator.violations.service import ViolationsConsumer
-from schemas import FlowStartRequested, PenaltyCommand, QuarantineCommand, ReleaseCommand
+from schemas import FlowStartRequested
 from workers import Worker
 from workers import builtin as _builtin_steps  # noqa: F401 - registers the demo.* step types
+
+T = TypeVar("T")
 
 app = typer.Typer(
     help="A fair, message-driven flow orchestrator.", no_args_is_help=True, add_completion=False
@@ -343,20 +341,20 @@ def worker(  # noqa: PLR0917 - typer options
     serve(settings, "worker", work, critical=runtime.WITHOUT_KAFKA)
 
 
+def _operate(settings: Settings, action: Callable[[Operator], Awaitable[T]]) -> T:
+    async def run() -> T:
+        async with Operator(settings) as operator:
+            return await action(operator)
+
+    return asyncio.run(run())
+
+
 @workers_app.command("list")
 def workers_list() -> None:
     """Live workers from the registry: id, host, pool, step types, in-flight, last heartbeat."""
     settings = settings_or_exit()
-
-    async def read() -> list[dict[str, Any]]:
-        redis = store.connect(settings)
-        try:
-            return await live_workers(redis, store.Keys(settings.redis_prefix))
-        finally:
-            await redis.aclose()
-
     table = Table("id", "host", "pool", "steps", "in-flight", "last heartbeat")
-    for entry in asyncio.run(read()):
+    for entry in _operate(settings, lambda ops: ops.workers()):
         table.add_row(
             entry["id"],
             entry["host"],
@@ -369,27 +367,13 @@ def workers_list() -> None:
 
 
 # ---------------------------------------------------------------- tenants
-async def _tenant_store(settings: Settings, action: Any) -> Any:
-    redis: aioredis.Redis = store.connect(settings)
-    try:
-        return await action(TenantStore(redis, store.Keys(settings.redis_prefix)))
-    finally:
-        await redis.aclose()
-
-
 @tenants_app.command("list")
 def tenants_list() -> None:
     """Every known tenant with its weight, penalty and quarantine."""
     settings = settings_or_exit()
-
-    async def action(tenants: TenantStore) -> Any:
-        names = await tenants.tenants()
-        return names, (await tenants.policies(names) if names else {})
-
-    names, policies = asyncio.run(_tenant_store(settings, action))
+    policies = _operate(settings, lambda ops: ops.tenants())
     table = Table("tenant", "weight", "penalty factor", "cap", "rate/s", "quarantined")
-    for name in names:
-        policy = policies[name]
+    for name, policy in policies.items():
         quarantined = (
             "tenant" if policy.quarantined else ", ".join(sorted(policy.quarantined_flows))
         )
@@ -408,11 +392,7 @@ def tenants_list() -> None:
 def tenants_show(tenant: str) -> None:
     """The tenant's current state as JSON."""
     settings = settings_or_exit()
-
-    async def action(tenants: TenantStore) -> Any:
-        return await tenants.describe(tenant)
-
-    typer.echo(json.dumps(asyncio.run(_tenant_store(settings, action)), indent=2))
+    typer.echo(json.dumps(_operate(settings, lambda ops: ops.describe_tenant(tenant)), indent=2))
 
 
 @tenants_app.command("set-weight")
@@ -424,25 +404,11 @@ def tenants_set_weight(
 ) -> None:
     """Sets the tenant's weight (and optional concurrency cap and rate limit)."""
     settings = settings_or_exit()
-
-    async def action(tenants: TenantStore) -> Any:
-        await tenants.set_config(tenant, weight=weight, concurrency_cap=cap, rate_per_s=rate)
-
-    asyncio.run(_tenant_store(settings, action))
+    _operate(
+        settings,
+        lambda ops: ops.set_weight(tenant, weight, concurrency_cap=cap, rate_per_s=rate),
+    )
     typer.echo(f"{tenant}: weight {weight:g}")
-
-
-def _send_command(settings: Settings, command: Any) -> None:
-    async def send() -> None:
-        connection = await connect(settings, "orchestrator-cli")
-        async with connection:
-            await publish(await open_channel(connection), command)
-
-    asyncio.run(send())
-
-
-def _until(minutes: float) -> datetime:
-    return datetime.now(UTC) + timedelta(minutes=minutes)
 
 
 @tenants_app.command("penalize")
@@ -456,18 +422,17 @@ def tenants_penalize(  # noqa: PLR0917 - typer maps each parameter to an option
 ) -> None:
     """Shrinks a tenant's share for a while (a PenaltyCommand, like the violations consumer's)."""
     settings = settings_or_exit()
-    command = PenaltyCommand(
-        command_id=f"operator:{uuid.uuid4()}",
-        tenant=tenant,
-        rule="operator",
-        reason=reason,
-        issued_by="operator",
-        weight_factor=factor,
-        concurrency_cap=cap,
-        rate_per_s=rate,
-        expires_at=_until(minutes),
+    _operate(
+        settings,
+        lambda ops: ops.penalize(
+            tenant,
+            factor=factor,
+            minutes=minutes,
+            concurrency_cap=cap,
+            rate_per_s=rate,
+            reason=reason,
+        ),
     )
-    _send_command(settings, command)
     typer.echo(f"{tenant}: penalized (factor {factor:g}) for {minutes:g} min")
 
 
@@ -480,16 +445,9 @@ def tenants_quarantine(
 ) -> None:
     """Stops dispatching and scheduling the tenant (or one flow) for a while."""
     settings = settings_or_exit()
-    command = QuarantineCommand(
-        command_id=f"operator:{uuid.uuid4()}",
-        tenant=tenant,
-        flow_id=flow,
-        rule="operator",
-        reason=reason,
-        issued_by="operator",
-        expires_at=_until(minutes),
+    _operate(
+        settings, lambda ops: ops.quarantine(tenant, flow=flow, minutes=minutes, reason=reason)
     )
-    _send_command(settings, command)
     typer.echo(f"{tenant}{'/' + flow if flow else ''}: quarantined for {minutes:g} min")
 
 
@@ -502,17 +460,8 @@ def tenants_release(
     """Ends a penalty and/or quarantine early."""
     settings = settings_or_exit()
     if what not in ("penalty", "quarantine", "all"):
-        err_console.print("[red]error:[/red] --what must be penalty, quarantine or all")
-        raise typer.Exit(ExitCode.USAGE)
-    command = ReleaseCommand(
-        command_id=f"operator:{uuid.uuid4()}",
-        tenant=tenant,
-        flow_id=flow,
-        rule="operator",
-        issued_by="operator",
-        releases=what,
-    )
-    _send_command(settings, command)
+        raise fail("--what must be penalty, quarantine or all", ExitCode.USAGE)
+    _operate(settings, lambda ops: ops.release(tenant, flow=flow, what=what))  # type: ignore[arg-type]
     typer.echo(f"{tenant}: released ({what})")
 
 
@@ -520,17 +469,8 @@ def tenants_release(
 def _flow_ref(ref: str) -> tuple[str, str]:
     tenant, sep, flow_id = ref.partition("/")
     if not sep or not tenant or not flow_id:
-        err_console.print(f"[red]error:[/red] expected TENANT/FLOW, got {ref!r}")
-        raise typer.Exit(ExitCode.USAGE)
+        raise fail(f"expected TENANT/FLOW, got {ref!r}", ExitCode.USAGE)
     return tenant, flow_id
-
-
-async def _with_registry(settings: Settings, action: Any) -> Any:
-    redis: aioredis.Redis = store.connect(settings)
-    try:
-        return await action(FlowRegistry(redis, store.Keys(settings.redis_prefix)), redis)
-    finally:
-        await redis.aclose()
 
 
 @flows_app.command("apply")
@@ -544,15 +484,10 @@ def flows_apply(files: Annotated[list[Path], typer.Argument(help="YAML or JSON f
             err_console.print(f"[red]error:[/red] {problem}", highlight=False, soft_wrap=True)
         err_console.print("nothing was applied")
         raise typer.Exit(ExitCode.USAGE) from None
-
-    async def action(registry: FlowRegistry, _: aioredis.Redis) -> Any:
-        return await registry.apply(definitions, SystemClock().now())
-
     try:
-        results = asyncio.run(_with_registry(settings, action))
+        results = _operate(settings, lambda ops: ops.apply_flows(definitions))
     except ValueError as exc:
-        err_console.print(f"[red]error:[/red] {exc}; nothing was applied")
-        raise typer.Exit(ExitCode.USAGE) from None
+        raise fail(f"{exc}; nothing was applied", ExitCode.USAGE) from None
     for result in results:
         typer.echo(f"{result.tenant}/{result.flow_id}: {result.outcome}")
 
@@ -561,13 +496,8 @@ def flows_apply(files: Annotated[list[Path], typer.Argument(help="YAML or JSON f
 def flows_list(tenant: Annotated[str | None, typer.Option(help="only this tenant")] = None) -> None:
     """Every registered flow with its schedule and next fire time."""
     settings = settings_or_exit()
-
-    async def action(registry: FlowRegistry, _: aioredis.Redis) -> Any:
-        flows = await registry.list(tenant)
-        return [(f, await registry.next_fire(f.tenant, f.id)) for f in flows]
-
     table = Table("flow", "cron", "timezone", "overlap", "paused", "next fire (UTC)")
-    for definition, next_ms in asyncio.run(_with_registry(settings, action)):
+    for definition, next_ms in _operate(settings, lambda ops: ops.flows(tenant)):
         table.add_row(
             f"{definition.tenant}/{definition.id}",
             definition.cron or "-",
@@ -584,24 +514,13 @@ def flows_show(flow: Annotated[str, typer.Argument(help="TENANT/FLOW")]) -> None
     """The flow's definition, next fire time and running execution, as JSON."""
     settings = settings_or_exit()
     tenant, flow_id = _flow_ref(flow)
-
-    async def action(registry: FlowRegistry, redis: aioredis.Redis) -> Any:
-        definition = await registry.get(tenant, flow_id)
-        if definition is None:
-            return None
-        admission = AdmissionStore(redis, registry.keys)
-        running = await admission.running(store.member(tenant, flow_id))
-        return definition, await registry.next_fire(tenant, flow_id), running
-
-    found = asyncio.run(_with_registry(settings, action))
+    found = _operate(settings, lambda ops: ops.flow(tenant, flow_id))
     if found is None:
-        err_console.print(f"[red]error:[/red] no flow {flow}")
-        raise typer.Exit(ExitCode.FAILURE)
-    definition, next_ms, running = found
+        raise fail(f"no flow {flow}")
     document = {
-        "definition": definition.model_dump(mode="json"),
-        "next_fire": from_ms(next_ms).isoformat() if next_ms else None,
-        "running_execution": running,
+        "definition": found.definition.model_dump(mode="json"),
+        "next_fire": from_ms(found.next_fire_ms).isoformat() if found.next_fire_ms else None,
+        "running_execution": found.running_execution,
     }
     typer.echo(json.dumps(document, indent=2))
 
@@ -609,13 +528,8 @@ def flows_show(flow: Annotated[str, typer.Argument(help="TENANT/FLOW")]) -> None
 def _set_paused(flow: str, paused: bool) -> None:
     settings = settings_or_exit()
     tenant, flow_id = _flow_ref(flow)
-
-    async def action(registry: FlowRegistry, _: aioredis.Redis) -> Any:
-        return await registry.set_paused(tenant, flow_id, paused)
-
-    if not asyncio.run(_with_registry(settings, action)):
-        err_console.print(f"[red]error:[/red] no flow {flow}")
-        raise typer.Exit(ExitCode.FAILURE)
+    if not _operate(settings, lambda ops: ops.set_paused(tenant, flow_id, paused)):
+        raise fail(f"no flow {flow}")
     typer.echo(f"{flow}: {'paused' if paused else 'resumed'}")
 
 
@@ -636,13 +550,8 @@ def flows_delete(flow: Annotated[str, typer.Argument(help="TENANT/FLOW")]) -> No
     """Removes the flow and its schedule."""
     settings = settings_or_exit()
     tenant, flow_id = _flow_ref(flow)
-
-    async def action(registry: FlowRegistry, _: aioredis.Redis) -> Any:
-        return await registry.delete(tenant, flow_id)
-
-    if not asyncio.run(_with_registry(settings, action)):
-        err_console.print(f"[red]error:[/red] no flow {flow}")
-        raise typer.Exit(ExitCode.FAILURE)
+    if not _operate(settings, lambda ops: ops.delete_flow(tenant, flow_id)):
+        raise fail(f"no flow {flow}")
     typer.echo(f"{flow}: deleted")
 
 

@@ -273,7 +273,10 @@ def _run_move(
 def _destination(target: dlq.Target | None) -> str | None:
     if target is None:
         return None
-    return f"{target.exchange}:{target.routing_key}" if target.routing_key else "original"
+    if not target.routing_key:
+        return "original"
+    # As --to takes it: a queue through the default exchange is `queue:NAME`.
+    return f"{target.exchange or 'queue'}:{target.routing_key}"
 
 
 def _report(summary: dlq.Summary, verb: str, dry_run: bool) -> None:

@@ -8,6 +8,7 @@ with `_`, so the placeholder cannot collide with a real id).
 
 from __future__ import annotations
 
+import os
 from typing import Annotated, ClassVar, Literal, Self
 
 from pydantic import ConfigDict, Field, model_validator
@@ -22,8 +23,14 @@ from schemas.common import (
     Timestamp,
     utcnow,
 )
+from schemas.status_data import check_data
 
 TYPE_PREFIX = "io.orchestrator."
+# With ORCH_CONTRACT_CHECKS=1 (the test suite sets it, for every process it starts) each event's
+# `data` is validated against its type's schema (schemas/status_data.py) when it is built, so a
+# data shape that drifts from the published contract fails a test. Off in production: building
+# an event must never fail there (rejection paths build them).
+CONTRACT_CHECKS_VARIABLE = "ORCH_CONTRACT_CHECKS"
 NO_ID = "_"
 
 # Every (entity, state) the system reports. Adding one is a contract change: regenerate the docs.
@@ -123,7 +130,7 @@ class StatusEvent(Message):
             source = f"/tenants/{tenant}"
         else:
             source = f"/tenants/{tenant}/flows/{flow}"
-        return cls.model_validate(
+        event = cls.model_validate(
             {
                 "id": event_id,
                 "source": source,
@@ -135,3 +142,6 @@ class StatusEvent(Message):
                 "data": data or {},
             }
         )
+        if os.environ.get(CONTRACT_CHECKS_VARIABLE) == "1":
+            check_data(entity, state, event.data)
+        return event

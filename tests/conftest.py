@@ -30,6 +30,9 @@ from orchestrator.amqp import connect, open_channel
 from orchestrator.config import Settings
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+# Every status event built in the tests (and in the processes they start, which inherit the
+# environment) is checked against its published data schema (schemas/status_data.py).
+os.environ.setdefault("ORCH_CONTRACT_CHECKS", "1")
 
 
 @dataclass(frozen=True)

@@ -118,7 +118,7 @@ def sample(message_type: str, tenant: str = "acme") -> Message:
             flow="daily-sync",
             subject=execution,
             sequence=7,
-            data={"duration_s": 1.5},
+            data={"fire_id": "acme/daily-sync#k", "duration_s": 1.5, "outputs": {"a": {}}},
         ),
         PenaltyCommand.message_type: lambda: PenaltyCommand(
             command_id=f"cpu_share:{tenant}:2026-03-29T01:30",

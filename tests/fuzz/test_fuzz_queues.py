@@ -117,6 +117,18 @@ TARGETS = (
         (b"execution.requested",),
         ("execution.requested",),
     ),
+    Target(
+        topology.QUERIES_QUEUE,
+        topology.COMMANDS,
+        (topology.query_key("acme").encode(), topology.query_key(topology.NO_TENANT).encode()),
+        ("execution.query", "execution.list"),
+    ),
+    Target(
+        topology.CANCELS_QUEUE,
+        topology.COMMANDS,
+        (topology.cancel_key("acme").encode(),),
+        ("execution.cancel",),
+    ),
     # Also routed to dispatcher.completions, where bad ones are dropped (no DLQ).
     Target(topology.RESULTS_QUEUE, topology.COMMANDS, (b"step.result",), ("step.result",)),
     Target(
@@ -234,6 +246,10 @@ def valid_document(message_type: str, n: int) -> dict[str, Any]:
     elif message_type in ("step.task", "step.result"):
         doc["execution_id"] = token
         doc["task_id"] = f"{token}:a:1"
+    elif message_type in ("execution.query", "execution.list"):
+        doc["query_id"] = token
+    elif message_type == "execution.cancel":
+        doc["request_id"] = token
     else:
         doc["command_id"] = token
     return doc
@@ -731,12 +747,20 @@ def _has_bounds(message_type: str) -> bool:
     return bool(_bounded(message_type))
 
 
+def _has_required(message_type: str) -> bool:
+    return bool(SCHEMAS[message_type].get("required"))
+
+
+def _has_payload(message_type: str) -> bool:
+    return bool({"input", "output"} & set(SCHEMAS[message_type]["properties"]))
+
+
 # (breaker, weight, applies to). Hypothesis favours small indexes: the expensive ones (over a
 # mebibyte, 10 000 levels) sit in the middle of the list.
 BODY_BREAKERS: list[tuple[Callable[[st.DrawFn, Draft], None], int, Callable[[str], bool]]] = [
     (wrong_json_type, 12, lambda t: True),
     (bad_string, 12, lambda t: True),
-    (drop_required, 6, lambda t: True),
+    (drop_required, 6, _has_required),
     (non_finite, 6, lambda t: True),
     (garbage, 5, lambda t: True),
     (unknown_field, 5, lambda t: True),
@@ -749,7 +773,7 @@ BODY_BREAKERS: list[tuple[Callable[[st.DrawFn, Draft], None], int, Callable[[str
     (out_of_range, 5, _has_bounds),
     (byte_order_mark, 3, lambda t: True),
     (control_character, 3, lambda t: True),
-    (payload_too_big, 2, lambda t: not t.startswith("control.")),
+    (payload_too_big, 2, _has_payload),
     (not_an_object, 3, lambda t: True),
     (broken_rule, 3, lambda t: t in ("step.result", "control.penalty", "control.quarantine")),
     (empty, 2, lambda t: True),

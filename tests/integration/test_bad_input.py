@@ -45,6 +45,8 @@ TARGETS: dict[str, tuple[str, str, str]] = {
         "execution.requested",
     ),
     topology.RESULTS_QUEUE: (topology.COMMANDS, "step.result", "step.result"),
+    topology.QUERIES_QUEUE: (topology.COMMANDS, topology.query_key("acme"), "execution.query"),
+    topology.CANCELS_QUEUE: (topology.COMMANDS, topology.cancel_key("acme"), "execution.cancel"),
     topology.CONTROL_QUEUE: (topology.CONTROL, "penalty.acme", "control.penalty"),
     topology.tenant_queue_name("acme"): (topology.STEPS, "acme", "step.task"),
     topology.work_queue_name("default"): (topology.WORK, "default", "step.task"),

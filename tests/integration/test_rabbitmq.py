@@ -94,11 +94,26 @@ async def test_status_events_reach_pattern_subscribers(channel: AbstractChannel)
     await failures.bind(topology.STATUS, routing_key="*.*.execution.failed")
     tenant_feed = await channel.declare_queue(exclusive=True)
     await tenant_feed.bind(topology.STATUS, routing_key="acme.#")
+    data = {"failure": {"reason": "test", "detail": "a test event"}}
     failed = StatusEvent.build(
-        "execution", "failed", event_id="e:1", tenant="acme", flow="f", subject="e", sequence=1
+        "execution",
+        "failed",
+        event_id="e:1",
+        tenant="acme",
+        flow="f",
+        subject="e",
+        sequence=1,
+        data=data,
     )
     other = StatusEvent.build(
-        "execution", "failed", event_id="e:2", tenant="globex", flow="f", subject="e", sequence=1
+        "execution",
+        "failed",
+        event_id="e:2",
+        tenant="globex",
+        flow="f",
+        subject="e",
+        sequence=1,
+        data=data,
     )
     await publish(channel, failed)
     await publish(channel, other)
@@ -107,7 +122,16 @@ async def test_status_events_reach_pattern_subscribers(channel: AbstractChannel)
     assert (await _get(tenant_feed)).message_id == "e:1"
     assert await tenant_feed.get(fail=False) is None
     # Nobody subscribes to step events: a non-mandatory publish still succeeds.
-    await publish(channel, StatusEvent.build("step", "started", event_id="s:1", tenant="acme"))
+    started = {
+        "step_id": "a",
+        "attempt": 1,
+        "kind": "action",
+        "worker_id": "w",
+        "started_at": "2026-12-02T00:00:00+00:00",
+    }
+    await publish(
+        channel, StatusEvent.build("step", "started", event_id="s:1", tenant="acme", data=started)
+    )
 
 
 async def test_invalid_message_lands_in_dlq_with_reason(channel: AbstractChannel) -> None:

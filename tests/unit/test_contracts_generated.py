@@ -6,6 +6,7 @@ import yaml
 
 from orchestrator import apidoc
 from schemas import MESSAGES
+from schemas.status import STATES
 
 
 def test_generated_contract_files_are_fresh() -> None:
@@ -17,7 +18,20 @@ def test_asyncapi_documents_every_message_and_resolves_its_refs() -> None:
     document = yaml.safe_load(apidoc.ASYNCAPI_FILE.read_text())
     assert document["asyncapi"].startswith("3.")
     names = {message["name"] for message in document["components"]["messages"].values()}
-    assert names == set(MESSAGES)
+    # Besides the models: dead letters (AMQP and Kafka) and the violations consumer's ticks.
+    assert names == set(MESSAGES) | {"dead-letter", "usage.dead-letter", "violations.tick"}
+    status = document["components"]["messages"]["StatusEvent"]
+    assert status["contentType"] == "application/cloudevents+json"
+    assert set(status["x-data-schemas"]) == {
+        f"io.orchestrator.{entity}.{state}" for entity, states in STATES.items() for state in states
+    }
+    for name, message in document["components"]["messages"].items():
+        if name not in ("UsageEvent", "Tick", "KafkaDeadLetter", "DeadLetter"):
+            assert message["bindings"]["amqp"]["messageType"] == message["name"], name
+            assert "content_type" in message["x-amqp-properties"]["properties"], name
+    for channel in document["channels"].values():
+        if channel["address"].endswith(".dlq") and "amqp" in channel["bindings"]:
+            assert list(channel["messages"]) == ["DeadLetter"], channel["address"]
 
     def resolve(ref: str) -> object:
         node: object = document

@@ -157,6 +157,12 @@ def test_status_event_refuses_unknown_types() -> None:
 
 
 def test_tenant_wide_status_uses_placeholder_words() -> None:
-    event = StatusEvent.build("tenant", "penalized", event_id="p1", tenant="acme")
-    assert event.routing_key == "acme._.tenant.penalized"
+    event = StatusEvent.build(
+        "tenant",
+        "released",
+        event_id="p1",
+        tenant="acme",
+        data={"released": "penalty", "command_id": "c1"},
+    )
+    assert event.routing_key == "acme._.tenant.released"
     assert event.source == "/tenants/acme"
