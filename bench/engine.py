@@ -24,7 +24,7 @@ from typing import Any
 
 import aio_pika
 
-from bench.common import isolated_settings, percentile, print_table
+from bench.common import CostMeter, isolated_settings, percentile, print_table
 from orchestrator import store, topology
 from orchestrator.amqp import connect, open_channel, publish
 from orchestrator.config import Settings
@@ -190,8 +190,14 @@ async def run(args: argparse.Namespace) -> None:
                     ]
                 )
             print("measuring throughput ...", file=sys.stderr)
+            roles = ("engine", "dispatcher", "worker")
+            meter = CostMeter(settings, {r: p.pid for r, p in zip(roles, processes, strict=True)})
+            meter.start()
             _, elapsed = await harness.batch("single", args.throughput, sequential=False)
             rate = args.throughput / elapsed
+            cost = meter.stop(args.throughput)
+            await asyncio.sleep(6)  # the broker's message counters are sampled every 5 s
+            cost.update(meter.messages(args.throughput))
         finally:
             stop_all(processes)
             await harness.connection.close()
@@ -207,6 +213,11 @@ async def run(args: argparse.Namespace) -> None:
                 ["single-step executions", f"{rate:.0f}", f"{rate / ceiling:.3f}"],
                 ["raw ceiling: publish->consume->ack, one queue", f"{ceiling:.0f}", "1.000"],
             ],
+        )
+        print_table(
+            "cost per single-step execution (throughput run)",
+            ["what", "per execution"],
+            [[name, f"{value:.2f}"] for name, value in cost.items()],
         )
 
 

@@ -24,11 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import glob
-import os
 import statistics
-import subprocess
 import sys
 import time
 import uuid
@@ -39,7 +35,15 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer
 
-from bench.common import isolated_settings, percentile, print_table, process_cpu_s
+from bench.common import (
+    broker_pid,
+    cpu_seconds,
+    host_busy,
+    isolated_settings,
+    percentile,
+    print_table,
+    run_queue_wait,
+)
 from orchestrator import store, topology
 from orchestrator.amqp import connect, open_channel, publish
 from orchestrator.config import Settings
@@ -182,44 +186,6 @@ class Run:
     process_cpu: dict[str, float] = field(default_factory=dict)  # role -> CPU seconds
     process_wait: dict[str, float] = field(default_factory=dict)  # role -> run-queue seconds
     host_busy: float = float("nan")  # share of all cores' time busy during the run
-
-
-def cpu_seconds(pid: int | None) -> float:
-    """A process's CPU time so far (user + system), from /proc; NaN where there is none."""
-    try:
-        return float("nan") if pid is None else process_cpu_s(pid)
-    except OSError:
-        return float("nan")
-
-
-def broker_pid() -> int | None:
-    """The local RabbitMQ node's Erlang VM, if it runs on this host (it does under
-    scripts/infra): its CPU per step is the price of the dispatcher's extra hop."""
-    found = subprocess.run(
-        ["pgrep", "-f", "beam.smp.*rabbit"], capture_output=True, text=True, check=False
-    ).stdout.split()
-    return int(found[0]) if found else None
-
-
-def run_queue_wait(pid: int | None) -> float:
-    """Seconds a process's threads spent runnable but waiting for a core (schedstat): how much
-    the other processes on the host held it back."""
-    if pid is None:
-        return float("nan")
-    total = 0
-    for path in glob.glob(f"/proc/{pid}/task/*/schedstat"):
-        with contextlib.suppress(OSError), open(path) as stat:  # a thread may end meanwhile
-            total += int(stat.read().split()[1])
-    return total / 1e9
-
-
-def host_busy() -> tuple[float, float]:
-    """(busy, total) CPU seconds of the whole host so far, over all cores, from /proc/stat."""
-    with open("/proc/stat") as stat:
-        ticks = [int(x) for x in stat.readline().split()[1:]]
-    idle = ticks[3] + ticks[4]  # idle + iowait
-    hz = os.sysconf("SC_CLK_TCK")
-    return (sum(ticks) - idle) / hz, sum(ticks) / hz
 
 
 class CpuMeter:

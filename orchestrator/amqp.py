@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar, cast
 
@@ -23,6 +24,7 @@ from aio_pika.abc import (
 from pydantic import ValidationError
 
 from orchestrator import frames, topology
+from orchestrator.coalesce import CoalescingRobustConnection
 from orchestrator.config import Settings
 from orchestrator.frames import BAD_PROPERTIES_HEADER
 from schemas import Message, StatusEvent
@@ -68,7 +70,9 @@ class InvalidMessage(Exception):
 async def connect(settings: Settings, name: str) -> AbstractRobustConnection:
     """A connection that reconnects and re-declares its consumers after a broker restart."""
     return await aio_pika.connect_robust(
-        str(settings.rabbitmq_url), client_properties={"connection_name": name}
+        str(settings.rabbitmq_url),
+        client_properties={"connection_name": name},
+        connection_class=CoalescingRobustConnection,
     )
 
 
@@ -94,6 +98,53 @@ def to_amqp(
         timestamp=datetime.now(UTC),
         headers=headers or {},
         user_id=user_id,
+    )
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """A message rendered for the wire: where it goes, the properties consumers read, its
+    body. Kept in the engine's outbox as is, so a flush publishes bytes, parsing nothing."""
+
+    exchange: str
+    routing_key: str
+    message_id: str
+    message_type: str
+    content_type: str
+    mandatory: bool
+    body: bytes
+
+    @classmethod
+    def of(cls, message: Message) -> Outgoing:
+        exchange, routing_key, mandatory = topology.route(message)
+        return cls(
+            exchange,
+            routing_key,
+            message.message_id(),
+            message.message_type,
+            message.content_type,
+            mandatory,
+            message.to_bytes(),
+        )
+
+
+async def send(channel: AbstractChannel, outgoing: Outgoing) -> None:
+    """Publishes a rendered message persistently and waits for the confirm (as `publish`)."""
+    underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
+    await underlay.basic_publish(
+        outgoing.body,
+        exchange=outgoing.exchange,
+        routing_key=outgoing.routing_key,
+        properties=aiormq.spec.Basic.Properties(
+            content_type=outgoing.content_type,
+            delivery_mode=DeliveryMode.PERSISTENT.value,
+            message_id=outgoing.message_id,
+            message_type=outgoing.message_type,
+            timestamp=datetime.now(UTC),
+        ),
+        mandatory=outgoing.mandatory,
+        timeout=PUBLISH_TIMEOUT_S,
+        wait=False,
     )
 
 

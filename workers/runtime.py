@@ -22,7 +22,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobus
 from prometheus_client import Counter, Histogram
 
 from orchestrator import topology
-from orchestrator.amqp import decode, open_channel, publish
+from orchestrator.amqp import Outgoing, decode, open_channel, send
 from orchestrator.config import Settings
 from orchestrator.consumer import Consumer
 from orchestrator.store import Keys
@@ -348,9 +348,9 @@ class Worker:
                 started_at=started_at,
                 cpu_s=round(attempt.cpu_s, 6),
             )
-            body = result.to_bytes()
+            outgoing = Outgoing.of(result)
             # The consumer acks only after this returns: the result is safe with the broker.
-            await publish(self.channel, result)
+            await send(self.channel, outgoing)
             ATTEMPTS.labels(task.step_type, attempt.outcome).inc()
             DURATION.labels(task.step_type).observe(attempt.wall_s)
             self.usage.report(
@@ -369,7 +369,7 @@ class Worker:
                     cpu_s=attempt.cpu_s,
                     peak_memory_bytes=attempt.memory,
                     bytes_in=context.bytes_in,
-                    bytes_out=context.bytes_out + len(body),
+                    bytes_out=context.bytes_out + len(outgoing.body),
                     started_at=started_at,
                     finished_at=result.finished_at,
                 )

@@ -30,7 +30,7 @@ from aio_pika.abc import (
 from prometheus_client import Counter, Gauge, Histogram
 
 from orchestrator import topology
-from orchestrator.amqp import decode, decode_any, open_channel, publish
+from orchestrator.amqp import Outgoing, decode, decode_any, open_channel, send
 from orchestrator.clock import Clock, SystemClock
 from orchestrator.config import Settings
 from orchestrator.consumer import Consumer, Settle
@@ -90,6 +90,21 @@ class ReleaseNotConfirmed(ConnectionError):
 class Held:
     task: StepTask
     incoming: AbstractIncomingMessage
+
+
+def _release_of(held: Held, express: bool) -> Outgoing:
+    """The task as it came (its body is not rendered again), to its work queue."""
+    exchange, key = topology.work_route(held.task, express=express)
+    task = held.task
+    return Outgoing(
+        exchange,
+        key,
+        task.message_id(),
+        task.message_type,
+        task.content_type,
+        True,
+        held.incoming.body,
+    )
 
 
 @dataclass
@@ -571,11 +586,7 @@ class Dispatcher:
 
     async def _release(self, channel: AbstractChannel, batch: list[tuple[Item, bool]]) -> None:
         outcomes = await asyncio.gather(
-            *(
-                publish(channel, item.payload.task, exchange=exchange, routing_key=key)
-                for item, express in batch
-                for exchange, key in [topology.work_route(item.payload.task, express=express)]
-            ),
+            *(send(channel, _release_of(item.payload, express)) for item, express in batch),
             return_exceptions=True,
         )
         items = [item for item, _ in batch]

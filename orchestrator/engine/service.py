@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any, cast
 
@@ -14,12 +14,12 @@ from prometheus_client import Counter
 
 from orchestrator import topology
 from orchestrator.accounts import tenant_of_user
-from orchestrator.amqp import InvalidMessage, decode, decode_any, open_channel, publish
+from orchestrator.amqp import InvalidMessage, decode, decode_any, open_channel, publish, send
 from orchestrator.clock import Clock, SystemClock, from_ms, to_ms
 from orchestrator.config import Settings
 from orchestrator.consumer import Consumer
 from orchestrator.engine.machine import Effects, Execution, Timer, Transition, new_execution
-from orchestrator.engine.store import ExecutionStore, OutboxEntry
+from orchestrator.engine.store import Attempt, BreakerPolicy, ExecutionStore, Gate, OutboxEntry
 from orchestrator.engine.views import execution_page, execution_view
 from orchestrator.store import Keys
 from orchestrator.store.admission import AdmissionStore
@@ -36,7 +36,6 @@ from schemas import (
     Message,
     StatusEvent,
     StepResult,
-    StepTask,
 )
 
 log = get_logger(__name__)
@@ -62,10 +61,17 @@ class Engine:
         self.connection = connection
         self.clock: Clock = clock or SystemClock()
         keys = Keys(settings.redis_prefix)
-        self.store = ExecutionStore(redis, keys, settings.execution_ttl_s)
-        self.flows = FlowRegistry(redis, keys)
+        self.store = ExecutionStore(
+            redis,
+            keys,
+            settings.execution_ttl_s,
+            BreakerPolicy(
+                threshold=settings.breaker_threshold,
+                cooldown_ms=int(settings.breaker_cooldown_s * 1000),
+            ),
+        )
+        self.flows = FlowRegistry(redis, keys, batched=self.store.batched)
         self.admission = AdmissionStore(redis, keys)
-        self.cooldown_ms = int(settings.breaker_cooldown_s * 1000)
         self.lease_ms = int(settings.running_lease_s * 1000)
         self._channel: AbstractChannel | None = None
         self._tenants_declared: set[str] = set()
@@ -146,7 +152,7 @@ class Engine:
             return
         now = self.clock.now()
 
-        async def mutate(current: Execution | None) -> tuple[Execution, Effects] | None:
+        def begin(current: Execution | None) -> Transition | None:
             if current is not None:
                 return None  # a duplicate request: the execution exists
             execution = new_execution(
@@ -158,12 +164,12 @@ class Engine:
             )
             transition = Transition(execution, now)
             transition.start()
-            await self._apply_breakers(transition)
-            EXECUTIONS.labels("started").inc()
-            return execution, transition.effects
+            return transition
 
-        await self.store.transact(request.execution_id, mutate)
-        await self._flush(request.execution_id)
+        if await self._transact(request.execution_id, begin, now=now, new=True):
+            EXECUTIONS.labels("started").inc()
+        else:
+            await self._flush(request.execution_id)  # a duplicate: its effects may be pending
 
     def _authorize(self, incoming: AbstractIncomingMessage, tenant: str | None, key: str) -> None:
         """A tenant account acts for its own tenant only: the broker lets it publish with its
@@ -253,23 +259,14 @@ class Engine:
             await self.apply_result(result)
 
     async def apply_result(self, result: StepResult) -> None:
-        recorded = False
+        def attempt(execution: Execution) -> Attempt | None:
+            """The attempt's outcome, for its step type's breaker (actions only)."""
+            if result.kind != "action":
+                return None
+            step_type = execution.definition.step(result.step_id).type
+            return Attempt(execution.tenant, step_type, success=result.outcome == "succeeded")
 
-        async def record_breaker(execution: Execution, now: datetime) -> None:
-            nonlocal recorded  # once, even if the transaction is retried
-            if result.kind != "action" or recorded:
-                return
-            recorded = True
-            await self.store.breaker_record(
-                execution.definition.tenant,
-                execution.definition.step(result.step_id).type,
-                success=result.outcome == "succeeded",
-                now_ms=to_ms(now),
-                threshold=self.settings.breaker_threshold,
-                cooldown_ms=self.cooldown_ms,
-            )
-
-        await self._advance(result.execution_id, lambda t: t.result(result), record_breaker)
+        await self._advance(result.execution_id, lambda t: t.result(result), attempt)
 
     async def fire_timer(self, member: str) -> None:
         execution_id, kind, step_id, attempt = member.split("|")
@@ -281,37 +278,65 @@ class Engine:
         self,
         execution_id: str,
         move: Callable[[Transition], Effects],
-        on_change: Callable[[Execution, datetime], Awaitable[None]] | None = None,
+        attempt: Callable[[Execution], Attempt | None] | None = None,
     ) -> None:
         """One transition of an existing execution, committed with its effects, then flushed.
         A move that changes nothing (duplicate, stale attempt) commits nothing."""
         now = self.clock.now()
 
-        async def mutate(current: Execution | None) -> tuple[Execution, Effects] | None:
+        def advance(current: Execution | None) -> Transition | None:
             if current is None:
                 return None
             transition = Transition(current, now)
-            if not move(transition):
-                return None
-            if on_change is not None:
-                await on_change(current, now)
-            await self._apply_breakers(transition)
-            self._count(current)
-            return current, transition.effects
+            return transition if move(transition) else None
 
-        await self.store.transact(execution_id, mutate)
-        await self._flush(execution_id)
+        if not await self._transact(execution_id, advance, now=now, attempt=attempt):
+            # Nothing to change (a duplicate, a stale attempt): what an earlier delivery
+            # committed may still wait to be published, as after a crash.
+            await self._flush(execution_id)
 
-    async def _apply_breakers(self, transition: Transition) -> None:
-        """Holds back dispatches whose step type's circuit breaker is open."""
-        for task in list(transition.effects.tasks):
-            if task.kind != "action":
-                continue  # compensations always run: they undo work
-            retry_at = await self.store.breaker_acquire(
-                task.tenant, task.step_type, to_ms(transition.now), self.cooldown_ms
-            )
-            if retry_at:
-                transition.defer(task.step_id, from_ms(retry_at))
+    async def _transact(
+        self,
+        execution_id: str,
+        build: Callable[[Execution | None], Transition | None],
+        *,
+        now: datetime,
+        attempt: Callable[[Execution], Attempt | None] | None = None,
+        new: bool = False,
+    ) -> bool:
+        """Builds a transition on the stored state and commits it with its effects (again on
+        the newer state if another replica changed it meanwhile), then flushes its outbox.
+        Dispatches that their step type's open breaker refuses are deferred (`step.waiting`)
+        and the rest committed. False when `build` found nothing to change."""
+        raw = None if new else await self.store.read(execution_id)
+        while True:
+            current = None if raw is None else Execution.model_validate_json(raw)
+            transition = build(current)
+            if transition is None:
+                return False
+            outcome = attempt(transition.x) if attempt is not None else None
+            while True:
+                actions = [t for t in transition.effects.tasks if t.kind == "action"]
+                commit = await self.store.commit(
+                    transition.x,
+                    transition.effects,
+                    started_from=raw,
+                    now_ms=to_ms(now),
+                    gates=[Gate(t.tenant, t.step_type) for t in actions],
+                    attempt=outcome,
+                )
+                if not commit.refused:
+                    break
+                outcome = attempt = None  # recorded by the refused commit already
+                for index, retry_at in commit.refused.items():
+                    transition.defer(actions[index].step_id, from_ms(retry_at))
+            if not commit.conflict:
+                break
+            raw = commit.current
+        self._count(transition.x)
+        if not await self.store.flush(execution_id, self._send, commit):
+            raise TimeoutError(f"outbox of {execution_id} is held by another engine")
+        return True
 
     @staticmethod
     def _count(execution: Execution) -> None:
@@ -326,24 +351,17 @@ class Engine:
     async def _send(self, entries: list[OutboxEntry]) -> None:
         """Publishes the entries in order and waits for all their confirms. The publishes are
         started one after another on one channel, so the broker receives them in order; only
-        the waits for confirms overlap."""
+        the waits for confirms overlap. The entries are rendered already: nothing is parsed."""
         channel = await self.channel()
         publishes = []
         for entry in entries:
-            message: Message
+            if entry.outgoing is None:
+                continue  # a lease release: the store does it once these are out
             if entry.kind == "task":
-                message = StepTask.model_validate_json(entry.body)
-                await self._ensure_tenant_queue(message.tenant)
-            elif entry.kind == "status":
-                message = StatusEvent.model_validate_json(entry.body)
-            else:
-                continue
-            publishes.append(asyncio.ensure_future(publish(channel, message)))
+                await self._ensure_tenant_queue(entry.outgoing.routing_key)
+            publishes.append(asyncio.ensure_future(send(channel, entry.outgoing)))
             await asyncio.sleep(0)  # let it write its frames before the next one starts
         await asyncio.gather(*publishes)
-        for entry in entries:
-            if entry.kind == "release":
-                await self.admission.release_running(entry.body, entry.extra)
 
     async def _ensure_tenant_queue(self, tenant: str) -> None:
         """A tenant's fair queue exists before its first step is published to it."""

@@ -13,6 +13,7 @@ from redis.exceptions import WatchError
 from orchestrator.clock import to_ms
 from orchestrator.scheduler.cron import CronSchedule
 from orchestrator.store import Keys, member
+from orchestrator.store.batch import Batcher
 from schemas import FlowDefinition
 
 ApplyOutcome = Literal["created", "updated", "rescheduled", "unchanged"]
@@ -45,10 +46,17 @@ def next_due(definition: FlowDefinition, after: datetime) -> tuple[int, int] | N
     return nominal_ms + jitter_ms(key, nominal_ms, definition.jitter_s), nominal_ms
 
 
+PARSED_CACHE = 1024  # flow definitions kept parsed, by their stored JSON
+
+
 class FlowRegistry:
-    def __init__(self, redis: aioredis.Redis, keys: Keys) -> None:
+    def __init__(self, redis: aioredis.Redis, keys: Keys, batched: Batcher | None = None) -> None:
         self.redis = redis
         self.keys = keys
+        # `get` through a batcher (a busy engine), and parsed once per stored version: a
+        # definition is validated (cron and all) when applied, not at every execution.
+        self.batched = batched
+        self._parsed: dict[str, FlowDefinition] = {}
 
     async def apply(self, definitions: list[FlowDefinition], now: datetime) -> list[Applied]:
         """Writes all flows in one transaction (all or nothing). Unchanged flows stay as they
@@ -109,8 +117,17 @@ class FlowRegistry:
             pipe.hset(self.keys.nominal, key, str(due[1]))
 
     async def get(self, tenant: str, flow_id: str) -> FlowDefinition | None:
-        raw = await self.redis.get(self.keys.flow(member(tenant, flow_id)))
-        return None if raw is None else FlowDefinition.model_validate_json(raw)
+        key = self.keys.flow(member(tenant, flow_id))
+        found = await (self.batched.call("GET", key) if self.batched else self.redis.get(key))
+        if found is None:
+            return None
+        raw = str(found)
+        parsed = self._parsed.get(raw)
+        if parsed is None:
+            if len(self._parsed) >= PARSED_CACHE:
+                self._parsed.clear()
+            parsed = self._parsed[raw] = FlowDefinition.model_validate_json(raw)
+        return parsed  # shared: callers do not change definitions
 
     async def list(self, tenant: str | None = None) -> list[FlowDefinition]:
         members = sorted(str(m) for m in await self.redis.smembers(self.keys.flows))
