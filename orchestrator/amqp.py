@@ -164,6 +164,20 @@ async def publish(
     publish lock, so concurrent publishes went out one drain at a time. The confirm (a nack
     raises DeliveryError, an unroutable mandatory message PublishError) is still awaited."""
     default_exchange, default_key, mandatory = topology.route(message)
+    if headers is None and user_id is None:  # the common case: pamqp properties directly
+        await send(
+            channel,
+            Outgoing(
+                exchange if exchange is not None else default_exchange,
+                routing_key if routing_key is not None else default_key,
+                message.message_id(),
+                message.message_type,
+                message.content_type,
+                mandatory,
+                message.to_bytes(),
+            ),
+        )
+        return
     amqp_message = to_amqp(message, headers=headers, user_id=user_id)
     # The concrete aiormq channel: its abstract type does not declare `wait`.
     underlay = cast(aiormq.Channel, await channel.get_underlay_channel())

@@ -39,7 +39,11 @@ class Settings(BaseSettings):
     # How long one replica may hold a due tick before another may take it over. Short, so a
     # killed replica delays its in-flight ticks by seconds only; a publish takes milliseconds.
     tick_claim_lease_s: Annotated[float, Field(gt=0, le=600)] = 3.0
-    scheduler_concurrency: Annotated[int, Field(ge=1, le=10_000)] = 64
+    # Ticks of one round fired at once (a round claims up to 1,000 due ticks): a burst of
+    # simultaneous ticks shares round trips (admission scripts batched, publishes and their
+    # confirms overlapping) instead of queueing behind a few slots. A replica killed mid-round
+    # re-fires at most this many ticks (same ids: consumers drop the copies).
+    scheduler_concurrency: Annotated[int, Field(ge=1, le=10_000)] = 1000
     # Overlap protection: the running lease of a flow expires this long after the engine's last
     # heartbeat, so a crashed owner never blocks a flow forever.
     running_lease_s: Annotated[float, Field(gt=0, le=86_400)] = 60.0

@@ -71,7 +71,7 @@ class Engine:
             ),
         )
         self.flows = FlowRegistry(redis, keys, batched=self.store.batched)
-        self.admission = AdmissionStore(redis, keys)
+        self.admission = AdmissionStore(redis, keys, batched=self.store.batched)
         self.lease_ms = int(settings.running_lease_s * 1000)
         self._channel: AbstractChannel | None = None
         self._tenants_declared: set[str] = set()

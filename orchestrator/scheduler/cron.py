@@ -51,6 +51,9 @@ def _is_repeated(naive: datetime, tz: ZoneInfo) -> bool:
     return first.utcoffset() != second.utcoffset() and _is_real(naive, tz)
 
 
+ANSWERS_KEPT = 256
+
+
 @dataclass(frozen=True)
 class CronSchedule:
     expression: str
@@ -60,6 +63,11 @@ class CronSchedule:
     # Parsing an expression costs more than iterating it; one iterator is re-positioned per
     # call (next_after never awaits, so no two callers interleave).
     _iterator: croniter = field(init=False, repr=False, compare=False)
+    # Answers already computed: the flows sharing a schedule (everyone's `0 * * * *`) ask the
+    # same question at the same instant, so a burst computes it once.
+    _answers: dict[datetime, datetime | None] = field(
+        init=False, repr=False, compare=False, default_factory=dict
+    )
 
     def __post_init__(self) -> None:
         expanded = ALIASES.get(self.expression.strip(), self.expression)
@@ -86,6 +94,16 @@ class CronSchedule:
 
     def next_after(self, after: datetime) -> datetime | None:
         """The first fire instant strictly after `after` (aware), in UTC; None if it never fires."""
+        try:
+            return self._answers[after]
+        except KeyError:
+            pass
+        if len(self._answers) >= ANSWERS_KEPT:
+            self._answers.clear()
+        answer = self._answers[after] = self._next_after(after)
+        return answer
+
+    def _next_after(self, after: datetime) -> datetime | None:
         local = after.astimezone(self.tz)
         start = local.replace(tzinfo=None, microsecond=0)
         if not self.fixed_time and local.fold == 0 and _is_repeated(start, self.tz):

@@ -35,6 +35,7 @@ from orchestrator.store.admission import (
     RateLimit,
     idempotency_digest,
 )
+from orchestrator.store.batch import Batcher
 from orchestrator.store.flows import FlowRegistry, jitter_ms
 from orchestrator.telemetry import bound_context, get_logger
 from schemas import ExecutionRequested, FlowDefinition, FlowStartRequested, StatusEvent
@@ -106,7 +107,7 @@ class Scheduler:
         self.replica = replica or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.keys = Keys(settings.redis_prefix)
         self.flows = FlowRegistry(redis, self.keys)
-        self.admission = AdmissionStore(redis, self.keys)
+        self.admission = AdmissionStore(redis, self.keys, batched=Batcher(redis))
         self.claim_ms = int(settings.tick_claim_lease_s * 1000)
         self.lease_ms = int(settings.running_lease_s * 1000)
         self.grace = timedelta(seconds=settings.misfire_grace_s)

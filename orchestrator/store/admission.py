@@ -11,11 +11,13 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import cast
+from typing import Any, cast
 
 import redis.asyncio as aioredis
+from redis.commands.core import AsyncScript
 
 from orchestrator.store import EXTEND_IF_OWNER, RELEASE_IF_OWNER, Keys
+from orchestrator.store.batch import Batcher
 from schemas import OverlapPolicy
 
 _CLAIM = """
@@ -154,9 +156,12 @@ class RateLimit:
 
 
 class AdmissionStore:
-    def __init__(self, redis: aioredis.Redis, keys: Keys) -> None:
+    def __init__(self, redis: aioredis.Redis, keys: Keys, batched: Batcher | None = None) -> None:
         self.redis = redis
         self.keys = keys
+        # The per-tick and per-request scripts through a batcher (a busy scheduler: the ticks
+        # due together, the requests arriving together, share round trips).
+        self.batched = batched
         self._claim = redis.register_script(_CLAIM)
         self._complete = redis.register_script(_COMPLETE)
         self._admit = redis.register_script(_ADMIT)
@@ -167,12 +172,18 @@ class AdmissionStore:
         self._request = redis.register_script(_REQUEST)
         self._take = redis.register_script(_TAKE)
 
+    async def _run(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
+        if self.batched is not None:
+            return await self.batched.script(str(script.script), keys, args)
+        return await script(keys=keys, args=args)
+
     async def take_token(self, tenant: str, per_s: float, burst: int, now_ms: int) -> bool:
         """One token of the tenant's flow-start bucket (see RateLimit)."""
         refill_ms = int(burst / per_s * 1000) + 1000
-        taken = await self._take(
-            keys=[self.keys.ingress_rate(tenant)],
-            args=[per_s / 1000, burst, now_ms, refill_ms],
+        taken = await self._run(
+            self._take,
+            [self.keys.ingress_rate(tenant)],
+            [per_s / 1000, burst, now_ms, refill_ms],
         )
         return bool(taken)
 
@@ -241,7 +252,7 @@ class AdmissionStore:
             self.keys.quarantine(tenant, flow_id),
         ]
         args = [execution_id, policy.value, lease_ms, flow, payload]
-        return Admission(await self._admit(keys=keys, args=args))
+        return Admission(await self._run(self._admit, keys, args))
 
     async def buffered_flows(self) -> list[str]:
         return sorted(str(m) for m in await self.redis.smembers(self.keys.buffered_index))
@@ -262,12 +273,12 @@ class AdmissionStore:
 
     async def release_running(self, flow: str, execution_id: str) -> bool:
         """Called when an execution ends: frees the flow for its next (or buffered) run."""
-        return bool(await self._release(keys=[self.keys.running(flow)], args=[execution_id]))
+        return bool(await self._run(self._release, [self.keys.running(flow)], [execution_id]))
 
     async def extend_running(self, flow: str, execution_id: str, lease_ms: int) -> bool:
         """Heartbeat of a live execution; False if the lease was lost (expired, taken)."""
         return bool(
-            await self._extend(keys=[self.keys.running(flow)], args=[execution_id, lease_ms])
+            await self._run(self._extend, [self.keys.running(flow)], [execution_id, lease_ms])
         )
 
     async def begin_request(
@@ -277,7 +288,7 @@ class AdmissionStore:
         'done:<execution id>'. A claim lapses after `lease_ms`, so a handler that died never
         blocks its key."""
         key = self.keys.idempotency(flow, idempotency_digest(idempotency_key))
-        result: str = await self._request(keys=[key], args=[ttl_s, owner, now_ms, lease_ms])
+        result: str = await self._run(self._request, [key], [ttl_s, owner, now_ms, lease_ms])
         return result
 
     async def finish_request(self, flow: str, idempotency_key: str, execution_id: str) -> None:
