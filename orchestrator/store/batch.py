@@ -76,13 +76,15 @@ class Batcher:
                 again = await self._pipeline([c.args for c in missing])
                 retried = dict(zip(map(id, missing), again, strict=True))
                 results = [retried.get(id(c), r) for c, r in zip(batch, results, strict=True)]
-        except BaseException as exc:  # the connection failed: every call of the batch did
+        except Exception as exc:  # the connection failed: every call of the batch did
             for call in batch:
                 if not call.future.done():
                     call.future.set_exception(exc)
-            if not isinstance(exc, Exception):
-                raise
             return
+        except BaseException:  # cancelled (the process stops): so are its callers' waits
+            for call in batch:
+                call.future.cancel()
+            raise
         for call, result in zip(batch, results, strict=True):
             if call.future.done():
                 continue  # its caller was cancelled

@@ -86,6 +86,14 @@ async def _prepare(settings: Settings, channel: AbstractChannel) -> tuple[Settin
     tenants = TenantStore(redis, store.Keys(test_settings.redis_prefix))
     for tenant in TENANTS:
         await tenants.register(tenant)
+    # Steps an earlier test's dispatcher released ahead (its window) and no worker ran yet
+    # would run now and answer too: every test starts with empty work queues.
+    for queue in (
+        topology.work_queue_name(topology.DEFAULT_POOL),
+        topology.express_queue_name(topology.DEFAULT_POOL),
+        topology.COMPLETIONS_QUEUE,
+    ):
+        await purged(channel, queue)
     results = await purged(channel, topology.RESULTS_QUEUE)
     return test_settings, redis, Rig(test_settings, channel, tenants, results)
 
