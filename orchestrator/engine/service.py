@@ -310,7 +310,7 @@ class Engine:
         and the rest committed. False when `build` found nothing to change."""
         raw = None if new else await self.store.read(execution_id)
         while True:
-            current = None if raw is None else Execution.model_validate_json(raw)
+            current = None if raw is None else await self.store.parse(raw)
             transition = build(current)
             if transition is None:
                 return False

@@ -90,15 +90,16 @@ _BREAKER_RECORD = (
 )
 
 # KEYS: 1 execution, 2 outbox, 3 live hash, 4 timers, 5 flush lock, 6 tenant index,
-#       7,8 the recorded attempt's breaker and probe (or placeholders),
-#       then a breaker and probe key per gated dispatch.
+#       7,8 the recorded attempt's breaker and probe (or placeholders), 9 the definition
+#       record of a terminal state (or a placeholder), then a breaker and probe key per gated
+#       dispatch.
 # ARGV: 1 sha1 of the state the transition started from ('' = must not exist),
 #       2 new state, 3 ttl s (0 = none), 4 live: 'set' | 'del', 5 flow member,
 #       6 lock token, 7 lock ms, 8 index score ('' = none), 9 index trim below,
 #       10 now ms, 11 cooldown ms, 12 probe retry ms, 13 threshold, 14 breaker memory ms,
-#       15 record ('' | '1' success | '0' failure), 16 gates, 17 execution id, 18 entries n,
-#       then the entries, then timers to add n and (score, member) pairs, then timers to
-#       remove n and members.
+#       15 record ('' | '1' success | '0' failure), 16 gates, 17 execution id,
+#       18 the definition of a terminal state ('' = none), 19 entries n, then the entries,
+#       then timers to add n and (score, member) pairs, then timers to remove n and members.
 # Returns {'conflict', current state or false}, {'refused', gate index, retry at, ...} (nothing
 # written but the breaker record), or {'ok', lock taken (1/0), outbox entries if taken...}.
 _COMMIT = (
@@ -120,7 +121,7 @@ local gates = tonumber(ARGV[16])
 local refused = {}
 local probes = {}
 for i = 1, gates do
-  local bkey, pkey = KEYS[7 + 2 * i], KEYS[8 + 2 * i]
+  local bkey, pkey = KEYS[8 + 2 * i], KEYS[9 + 2 * i]
   local retry_at = breaker_acquire(bkey, pkey, now, cooldown, tonumber(ARGV[12]))
   if retry_at == 0 then
     if tonumber(redis.call('HGET', bkey, 'open_until') or '0') > 0 then
@@ -139,8 +140,16 @@ if #refused > 0 then
 end
 if tonumber(ARGV[3]) > 0 then
   redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+  -- Shared by every finished execution of this definition: it outlives each one's record.
+  if ARGV[18] ~= '' then
+    local left = redis.call('TTL', KEYS[9])
+    if left ~= -1 and left < tonumber(ARGV[3]) then
+      redis.call('SET', KEYS[9], ARGV[18], 'EX', ARGV[3])
+    end
+  end
 else
   redis.call('SET', KEYS[1], ARGV[2])
+  if ARGV[18] ~= '' then redis.call('SET', KEYS[9], ARGV[18]) end
 end
 if ARGV[4] == 'set' then
   redis.call('HSET', KEYS[3], ARGV[17], ARGV[5])
@@ -151,7 +160,7 @@ if ARGV[8] ~= '' then
   redis.call('ZADD', KEYS[6], tonumber(ARGV[8]), ARGV[17])
   redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', '(' .. ARGV[9])
 end
-local at = 18
+local at = 19
 local entries = tonumber(ARGV[at])
 for i = 1, entries do redis.call('RPUSH', KEYS[2], ARGV[at + i]) end
 at = at + entries + 1
@@ -193,6 +202,9 @@ return left
 """
 # A breaker with no failure recorded for this long (beyond its cool-down) is forgotten: closed.
 BREAKER_MEMORY_MS = 600_000
+# A finished execution's record starts so, then the digest of its definition (`_compact`).
+_COMPACT = '{"definition_ref":"'
+DEFINITION_CACHE = 256
 
 _SEP = "\x1f"
 _BODY = "\x1e"
@@ -298,6 +310,10 @@ class EngineKeys:
     def execution(self, execution_id: str) -> str:
         return f"{self.prefix}exec:{execution_id}"
 
+    def definition(self, digest: str) -> str:
+        """A flow definition as finished executions refer to it (by the sha1 of its JSON)."""
+        return f"{self.prefix}flowdef:{digest}"
+
     def index(self, tenant: str) -> str:
         """A tenant's executions by start time (ms), for listing; trimmed to the state TTL."""
         return f"{self.prefix}executions:{tenant}"
@@ -335,14 +351,48 @@ class ExecutionStore:
         self._breaker_record = redis.register_script(_BREAKER_RECORD)
         # The calls every transition makes, batched across the handlers running at once.
         self.batched = Batcher(redis)
+        self._definitions: dict[str, str] = {}  # digest -> definition JSON, bounded
 
     async def load(self, execution_id: str) -> Execution | None:
         raw = await self.read(execution_id)
-        return None if raw is None else Execution.model_validate_json(raw)
+        return None if raw is None else await self.parse(raw)
 
     async def read(self, execution_id: str) -> str | None:
+        """The state as stored (what a commit's compare-and-set compares against)."""
         raw = await self.batched.call("GET", self.keys.execution(execution_id))
         return None if raw is None else _text(raw)
+
+    async def parse(self, raw: str) -> Execution:
+        """A stored state: a running execution carries its definition; a finished one refers
+        to it by digest (`_compact`), and gets it back from the cache or Redis."""
+        if not raw.startswith(_COMPACT):
+            return Execution.model_validate_json(raw)
+        digest = raw[len(_COMPACT) : len(_COMPACT) + 40]
+        definition = self._definitions.get(digest)
+        if definition is None:
+            stored = await self.batched.call("GET", self.keys.definition(digest))
+            if stored is None:
+                raise LookupError(f"definition {digest} of a finished execution is gone")
+            definition = self._remember(digest, _text(stored))
+        rest = raw[len(_COMPACT) + 42 :]  # past the digest, its quote and the comma
+        return Execution.model_validate_json(f'{{"definition":{definition},{rest}')
+
+    def _remember(self, digest: str, definition: str) -> str:
+        if len(self._definitions) >= DEFINITION_CACHE:
+            self._definitions.pop(next(iter(self._definitions)))
+        self._definitions[digest] = definition
+        return definition
+
+    def _compact(self, execution: Execution) -> tuple[str, str, str]:
+        """A finished execution's record without its definition (which running ones keep:
+        they must not depend on a shared key while they run, however long): the record, the
+        definition's digest and its JSON. The definition of a flow is stored once for all its
+        finished executions; for a one-step flow that is a third of the record."""
+        definition = execution.definition.model_dump_json()
+        digest = hashlib.sha1(definition.encode()).hexdigest()  # noqa: S324 - a content address
+        self._remember(digest, definition)
+        body = execution.model_dump_json(exclude={"definition"})
+        return f'{_COMPACT}{digest}",{body[1:]}', digest, definition
 
     async def commit(
         self,
@@ -373,6 +423,10 @@ class ExecutionStore:
             index_floor = started_ms - self.state_ttl_s * 1000
         token = uuid.uuid4().hex
         record = attempt or Gate(execution.tenant, "-")
+        if execution.terminal:
+            state, digest, definition = self._compact(execution)
+        else:
+            state, digest, definition = execution.model_dump_json(), "-", ""
         keys = [
             self.keys.execution(eid),
             self.keys.outbox(eid),
@@ -382,6 +436,7 @@ class ExecutionStore:
             self.keys.index(execution.tenant),
             self.keys.breaker(record.tenant, record.step_type),
             self.keys.probe(record.tenant, record.step_type),
+            self.keys.definition(digest),
         ]
         for gate in gates:
             keys += [self.keys.breaker(gate.tenant, gate.step_type)]
@@ -389,7 +444,7 @@ class ExecutionStore:
         timers = [(int(t.at.timestamp() * 1000), f"{eid}|{t.key}") for t in effects.timers]
         args: list[str | int] = [
             state_digest(started_from),
-            execution.model_dump_json(),
+            state,
             ttl,
             live,
             flow,
@@ -405,6 +460,7 @@ class ExecutionStore:
             "" if attempt is None else ("1" if attempt.success else "0"),
             len(gates),
             eid,
+            definition,
             len(entries),
             *entries,
             len(timers),
@@ -502,7 +558,7 @@ class ExecutionStore:
         more = len(candidates) > scan
         ids = [eid for _, eid in candidates[:scan]]
         raws = await self.redis.mget([self.keys.execution(eid) for eid in ids]) if ids else []
-        return [Execution.model_validate_json(raw) for raw in raws if raw is not None], more
+        return [await self.parse(_text(raw)) for raw in raws if raw is not None], more
 
     # ------------------------------------------------------------------ timers
     async def due_timers(self, now_ms: int, limit: int) -> list[str]:

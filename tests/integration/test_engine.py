@@ -23,7 +23,7 @@ from orchestrator.config import Settings
 from orchestrator.dispatcher.service import Dispatcher
 from orchestrator.engine.service import Engine
 from orchestrator.store.flows import FlowRegistry
-from schemas import ExecutionRequested, FlowDefinition
+from schemas import ExecutionRequested, FlowDefinition, StepResult
 from tests.integration.helpers import body, fresh_settings, get_one, purged, reset_queues
 from workers import Worker
 from workers import builtin as _builtin  # noqa: F401 - registers demo.* steps
@@ -229,3 +229,46 @@ async def test_invalid_messages_are_dead_lettered_and_reported(system: System) -
         {"id": "after-junk", "steps": [{"id": "a", "type": "demo.echo"}]}
     )
     assert kinds(await system.events_until_done(execution_id))[-1] == "execution.succeeded"
+
+
+async def test_a_finished_execution_keeps_its_definition_once_for_all(system: System) -> None:
+    """Retention: a finished execution's record refers to its flow's definition by digest
+    (stored once, living at least as long as every record that refers to it); a process
+    that never saw the definition reads the record back whole, and a late duplicate result
+    against it changes nothing."""
+    doc = {"id": "tiny", "steps": [{"id": "a", "type": "demo.echo"}]}
+    first, second = await system.run(doc), await system.run(doc)
+    for execution_id in (first, second):
+        await system.events_until_done(execution_id)
+    redis = system.engine.redis
+    keys = system.engine.store.keys
+    records = [await redis.get(keys.execution(eid)) for eid in (first, second)]
+    assert all(r is not None and "demo.echo" not in r for r in records), records
+    digests = {json.loads(r)["definition_ref"] for r in records if r is not None}
+    assert len(digests) == 1
+    digest = digests.pop()
+    assert 0 < await redis.ttl(keys.execution(first)) <= await redis.ttl(keys.definition(digest))
+
+    fresh = Engine(system.settings, redis, system.engine.connection)  # an empty cache
+    execution = await fresh.store.load(first)
+    assert execution is not None
+    assert execution.status == "succeeded"
+    assert execution.definition.steps[0].type == "demo.echo"
+    assert execution.steps["a"].status == "succeeded"
+
+    before = await redis.get(keys.execution(first))
+    await fresh.apply_result(
+        StepResult(
+            task_id=f"{first}:a:1",
+            execution_id=first,
+            tenant="acme",
+            flow_id="tiny",
+            step_id="a",
+            attempt=1,
+            outcome="succeeded",
+            output={"late": True},
+            worker_id="late-worker",
+            started_at=datetime.now(UTC),
+        )
+    )
+    assert await redis.get(keys.execution(first)) == before
