@@ -30,7 +30,6 @@ import struct
 import sys
 import time
 import urllib.parse
-import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -41,13 +40,14 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from pamqp import commands, frame
 from prometheus_client import Counter
 
+from bench.common import isolated_settings
 from orchestrator import store, topology
 from orchestrator.amqp import connect, open_channel, publish
-from orchestrator.config import Settings, load_settings
+from orchestrator.config import Settings
 from orchestrator.consumer import DROPPED, REJECTED
 from orchestrator.dispatcher.service import Dispatcher
 from orchestrator.engine.service import Engine
-from orchestrator.kafka import dlq_topic, ensure_topics
+from orchestrator.kafka import ensure_topics
 from orchestrator.scheduler.service import Scheduler
 from orchestrator.store.flows import FlowRegistry
 from orchestrator.telemetry import configure_logging
@@ -75,65 +75,13 @@ SETTLE_S = 60.0  # most a phase waits for its last executions / rejections
 
 
 # ------------------------------------------------------------------------------ isolation
-def _management(settings: Settings, method: str, path: str, body: object | None = None) -> None:
-    parsed = urllib.parse.urlsplit(settings.rabbitmq_management_url)
-    base = f"{parsed.scheme}://{parsed.hostname}:{parsed.port or 15672}/api"
-    manager = urllib.request.HTTPPasswordMgrWithDefaultRealm()
-    manager.add_password(None, base, parsed.username or "guest", parsed.password or "guest")
-    opener = urllib.request.build_opener(urllib.request.HTTPBasicAuthHandler(manager))
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(
-        base + path, data=data, method=method, headers={"content-type": "application/json"}
-    )
-    with opener.open(request, timeout=30):
-        pass
-
-
 @contextlib.asynccontextmanager
 async def isolated() -> AsyncIterator[Settings]:
-    """A vhost (so every queue goes with it), a Redis prefix and a usage topic of this run's
-    own; all removed afterwards."""
-    base = load_settings()
-    run = uuid.uuid4().hex[:8]
-    vhost = f"bench-bad-input-{run}"
-    quoted = urllib.parse.quote(vhost, safe="")
-    _management(base, "PUT", f"/vhosts/{quoted}", {})
-    user = base.rabbitmq_url.username or "guest"
-    permissions = {"configure": ".*", "write": ".*", "read": ".*"}
-    _management(base, "PUT", f"/permissions/{quoted}/{user}", permissions)
-    url = str(base.rabbitmq_url).rstrip("/")
-    if url.count("/") > 2:
-        url = url.rsplit("/", 1)[0]
-    settings = base.model_copy(
-        update={
-            "rabbitmq_url": f"{url}/{quoted}",
-            "redis_prefix": f"bench:bad-input:{run}:",
-            "usage_topic": f"bench.bad-input.{run}",
-        }
-    )
-    try:
+    """A vhost, a Redis prefix and a usage topic of this run's own, created up front; all
+    removed afterwards (bench.common.isolated_settings)."""
+    with isolated_settings("bad-input") as settings:
         await ensure_topics(settings)
         yield settings
-    finally:
-        _management(base, "DELETE", f"/vhosts/{quoted}")
-        redis = store.connect(settings)
-        async for key in redis.scan_iter(match=f"{settings.redis_prefix}*"):
-            await redis.delete(key)
-        await redis.aclose()
-        await _delete_topics(settings, [settings.usage_topic, dlq_topic(settings)])
-
-
-async def _delete_topics(settings: Settings, topics: list[str]) -> None:
-    from aiokafka.admin import AIOKafkaAdminClient
-
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_servers)
-    await admin.start()
-    try:
-        await admin.delete_topics(topics)
-    except Exception as exc:  # reported, not fatal: the run's figures stand
-        print(f"could not delete Kafka topics {topics}: {exc!r}", file=sys.stderr)
-    finally:
-        await admin.close()
 
 
 # ------------------------------------------------------------------------ the system

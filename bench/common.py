@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import glob
-import json
 import os
 import subprocess
+import sys
+import threading
 import urllib.parse
 import urllib.request
 import uuid
@@ -125,43 +127,93 @@ class CostMeter:
         }
 
 
-def _management(settings: Settings, method: str, path: str, body: object | None = None) -> None:
-    parsed = urllib.parse.urlsplit(settings.rabbitmq_management_url)
-    base = f"{parsed.scheme}://{parsed.hostname}:{parsed.port or 15672}/api"
-    manager = urllib.request.HTTPPasswordMgrWithDefaultRealm()
-    manager.add_password(None, base, parsed.username or "guest", parsed.password or "guest")
-    opener = urllib.request.build_opener(urllib.request.HTTPBasicAuthHandler(manager))
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(
-        base + path, data=data, method=method, headers={"content-type": "application/json"}
-    )
-    with opener.open(request, timeout=30):
-        pass
+def management(settings: Settings) -> Management:
+    return Management(settings.rabbitmq_management_url)
 
 
 @contextmanager
 def isolated_settings(name: str) -> Iterator[Settings]:
-    """Settings pointing at a fresh RabbitMQ vhost and Redis prefix, removed afterwards."""
+    """Settings of this run's own: a fresh RabbitMQ vhost, Redis prefix, usage topic and
+    violations app id; all of it removed afterwards (the vhost with every queue in it, the
+    Redis keys, and every Kafka topic named after the run), so benches leave nothing behind
+    and nothing of theirs reaches another instance on the same brokers."""
     base = load_settings()
-    vhost = f"bench-{name}-{uuid.uuid4().hex[:6]}"
-    quoted = urllib.parse.quote(vhost, safe="")
-    _management(base, "PUT", f"/vhosts/{quoted}", {})
-    user = base.rabbitmq_url.username or "guest"
-    _management(
-        base,
-        "PUT",
-        f"/permissions/{quoted}/{user}",
-        {"configure": ".*", "write": ".*", "read": ".*"},
-    )
+    run = f"bench-{name}-{uuid.uuid4().hex[:6]}"
+    quoted = urllib.parse.quote(run, safe="")
+    with management(base) as api:
+        api.call("PUT", f"/vhosts/{quoted}", {})
+        user = base.rabbitmq_url.username or "guest"
+        permissions = {"configure": ".*", "write": ".*", "read": ".*"}
+        api.call("PUT", f"/permissions/{quoted}/{user}", permissions)
     url = str(base.rabbitmq_url).rstrip("/")
     if url.count("/") > 2:
         url = url.rsplit("/", 1)[0]
+    settings = base.model_copy(
+        update={
+            "rabbitmq_url": f"{url}/{quoted}",
+            "redis_prefix": f"bench:{run}:",
+            # Benches that need several topics name them after this one (`topic_of`).
+            "usage_topic": f"{run}.usage",
+            "violations_app_id": run,
+        }
+    )
     try:
-        yield base.model_copy(
-            update={"rabbitmq_url": f"{url}/{quoted}", "redis_prefix": f"bench:{vhost}:"}
-        )
+        yield settings
     finally:
-        _management(base, "DELETE", f"/vhosts/{quoted}")
+        with management(base) as api:
+            api.call("DELETE", f"/vhosts/{quoted}")
+        _delete_redis_prefix(settings)
+        _delete_kafka_topics(settings, run)
+
+
+def topic_of(settings: Settings, label: str) -> str:
+    """A usage topic of the run's own (removed with it), for a scenario that needs a fresh
+    one."""
+    return f"{settings.usage_topic}.{label}"
+
+
+def _delete_redis_prefix(settings: Settings) -> None:
+    import redis
+
+    client = redis.Redis.from_url(str(settings.redis_url))
+    try:
+        batch = []
+        for key in client.scan_iter(match=f"{settings.redis_prefix}*", count=1000):
+            batch.append(key)
+            if len(batch) >= 1000:
+                client.unlink(*batch)
+                batch = []
+        if batch:
+            client.unlink(*batch)
+    finally:
+        client.close()
+
+
+def _delete_kafka_topics(settings: Settings, prefix: str) -> None:
+    """Every topic whose name starts with the run's (usage topics, their DLQs, the violations
+    app's changelogs). In a thread of its own: the caller's event loop may be running."""
+
+    async def delete() -> None:
+        from aiokafka.admin import AIOKafkaAdminClient
+
+        admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_servers)
+        await admin.start()
+        try:
+            topics = [t for t in await admin.list_topics() if t.startswith(prefix)]
+            if topics:
+                await admin.delete_topics(topics)
+        finally:
+            await admin.close()
+
+    def run() -> None:
+        try:
+            asyncio.run(delete())
+        except Exception as exc:  # reported, not fatal: the run's figures stand
+            print(f"could not delete the run's Kafka topics: {exc!r}", file=sys.stderr)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(timeout=60)
 
 
 def env_for(settings: Settings) -> dict[str, str]:

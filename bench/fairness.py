@@ -43,6 +43,7 @@ from bench.common import (
     percentile,
     print_table,
     run_queue_wait,
+    topic_of,
 )
 from orchestrator import store, topology
 from orchestrator.amqp import connect, open_channel, publish
@@ -275,7 +276,8 @@ async def read_cpu(settings: Settings, count: int) -> dict[str, float]:
 
 
 async def run_one(settings: Settings, scenario: Scenario, strategy: str, slots: int) -> Figures:
-    settings = settings.model_copy(update={"usage_topic": f"bench.usage.{uuid.uuid4().hex[:8]}"})
+    topic = topic_of(settings, uuid.uuid4().hex[:8])
+    settings = settings.model_copy(update={"usage_topic": topic})
     # Created up front, as in a deployment: a producer auto-creating it mid-run stalls the
     # host for tens of milliseconds, and that would be measured as dwell.
     await ensure_topics(settings)

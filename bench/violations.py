@@ -236,12 +236,9 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=8)
     parser.add_argument("--background", type=float, default=200.0)
     args = parser.parse_args()
-    suffix = uuid.uuid4().hex[:8]
     with isolated_settings("violations") as base, tempfile.TemporaryDirectory() as tmp:
         settings = base.model_copy(
             update={
-                "usage_topic": f"bench.usage.{suffix}",
-                "violations_app_id": f"bench-violations-{suffix}",
                 "violations_policy": write_policy(Path(tmp) / "policy.yaml"),
                 "violations_data_dir": Path(tmp) / "data",
                 "violations_grace_s": GRACE,
