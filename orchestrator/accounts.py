@@ -337,6 +337,12 @@ class Management:
         found = self.call("GET", "/users")
         return found if isinstance(found, list) else []
 
+    def queue_depths(self, vhost: str) -> dict[str, int]:
+        """Every queue of the vhost and the messages in it (ready and unacked; the API's
+        counts lag by a few seconds)."""
+        found = self.call("GET", f"/queues/{_p(vhost)}?columns=name,messages") or []
+        return {str(q["name"]): int(q.get("messages") or 0) for q in found}
+
     def close_connections(self, user: str, reason: str) -> int:
         """Closes every open connection of `user`; returns how many."""
         found = self.call("GET", "/connections?columns=name,user")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import urllib.parse
 import uuid
 from collections import Counter
 from datetime import UTC, datetime
@@ -43,19 +42,9 @@ def _filters(items: list[str] | None) -> dict[str, str]:
 def _broker_dlqs(settings: Settings) -> dict[str, int]:
     """Every DLQ on the broker (the topology's and the per-tenant ones) with its depth, from
     the management API (its counts lag by a few seconds)."""
-    vhost = vhost_of(str(settings.rabbitmq_url))
     with Management(settings.rabbitmq_management_url) as management:
-        path = f"/queues/{_quote(vhost)}?columns=name,messages"
-        found = management.call("GET", path) or []
-    return {
-        str(q["name"]): int(q.get("messages") or 0)
-        for q in found
-        if str(q.get("name", "")).endswith(topology.DLQ_SUFFIX)
-    }
-
-
-def _quote(value: str) -> str:
-    return urllib.parse.quote(value, safe="")
+        depths = management.queue_depths(vhost_of(str(settings.rabbitmq_url)))
+    return {name: depth for name, depth in depths.items() if name.endswith(topology.DLQ_SUFFIX)}
 
 
 async def _kafka_dlq(settings: Settings) -> tuple[int, datetime | None, Counter[str]]:
