@@ -24,9 +24,9 @@ infra-down:
 status:
 	scripts/infra status
 
-## make run: virtualenv, brokers, then the orchestrator (dev mode, all in one)
+## make run: virtualenv, brokers, then the demo: four tenants sharing the workers, one noisy (live view; Ctrl-C stops)
 run: venv infra
-	$(WITH_ENV) $(BIN)/orchestrator up --policy examples/policy.yaml
+	$(WITH_ENV) $(BIN)/orchestrator up --demo --concurrency 8
 
 ## make test: virtualenv, brokers, lint and types, then the whole test suite
 test: venv infra lint

@@ -7,22 +7,25 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from pathlib import Path
+from typing import Any, TextIO
 
 import structlog
 from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
 
 
-def configure_logging(level: str = "INFO", fmt: str = "auto") -> None:
-    """JSON lines when not on a TTY (collectors parse them), pretty output on a TTY.
+def configure_logging(level: str = "INFO", fmt: str = "auto", file: Path | None = None) -> None:
+    """JSON lines when not on a TTY (collectors parse them), pretty output on a TTY; to
+    `file` instead of stderr if given (a live view owns the terminal).
 
     Context bound with `bound_context` (tenant, flow, execution) appears on every line.
     """
-    use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
+    stream: TextIO = sys.stderr if file is None else file.open("a", buffering=1)
+    use_json = fmt == "json" or (fmt == "auto" and not stream.isatty())
     renderer: Any = (
         structlog.processors.JSONRenderer()
         if use_json
-        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+        else structlog.dev.ConsoleRenderer(colors=stream.isatty())
     )
     structlog.configure(
         processors=[
@@ -34,17 +37,48 @@ def configure_logging(level: str = "INFO", fmt: str = "auto") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=stream),
         cache_logger_on_first_use=True,
     )
     # Libraries (aio-pika, aiokafka, faust) log through the standard library; keep them quiet
     # unless asked, and on the same stream. During a broker outage their clients log every
     # failed attempt (aiokafka: thousands of lines a second); one line per kind of message
     # every RATE_LIMIT_S says the same, and our own `outage.started` says it once.
-    logging.basicConfig(level=max(logging.getLevelName(level), logging.WARNING), stream=sys.stderr)
+    logging.basicConfig(
+        level=max(logging.getLevelName(level), logging.WARNING), stream=stream, force=True
+    )
     for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, Transient) for f in handler.filters):
+            handler.addFilter(Transient())
         if not any(isinstance(f, RateLimit) for f in handler.filters):
             handler.addFilter(RateLimit())
+
+
+# What Kafka clients report at ERROR while a broker or consumer group is still starting (or
+# moving a partition): they retry by themselves and carry on; an operator has nothing to do.
+TRANSIENT_KAFKA = (
+    "GroupCoordinatorNotAvailableError",
+    "NotCoordinatorForGroupError",
+    "CoordinatorNotAvailableError",
+    "NodeNotReadyError",
+    "LeaderNotAvailableError",
+)
+
+
+class Transient(logging.Filter):
+    """Library records about transient Kafka conditions become INFO (shown only at INFO):
+    a healthy start prints no alarming line. A lasting outage is reported by our own
+    `outage.started` warning, once."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING or not record.name.startswith(("aiokafka", "faust")):
+            return True
+        text = record.getMessage() + (str(record.exc_info[1]) if record.exc_info else "")
+        text += record.exc_info[0].__name__ if record.exc_info and record.exc_info[0] else ""
+        if not any(name in text for name in TRANSIENT_KAFKA):
+            return True
+        record.levelno, record.levelname = logging.INFO, "INFO"
+        return logging.getLogger().getEffectiveLevel() <= logging.INFO
 
 
 class RateLimit(logging.Filter):

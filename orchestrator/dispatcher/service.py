@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import math
 import os
 import socket
@@ -35,7 +36,8 @@ from orchestrator.clock import Clock, SystemClock
 from orchestrator.config import Settings
 from orchestrator.consumer import Consumer, Settle
 from orchestrator.dispatcher.fairness import FairQueue, Item, step_cost
-from orchestrator.outage import OUTAGES, dependency_of
+from orchestrator.dispatcher.stats import RecentService
+from orchestrator.outage import OUTAGES, dependency_of, sleep_unless
 from orchestrator.store import EXTEND_IF_OWNER, RELEASE_IF_OWNER, Keys
 from orchestrator.store.flows import FlowRegistry
 from orchestrator.store.tenants import TenantPolicy, TenantStore
@@ -56,6 +58,8 @@ LEASE_MS = 3_000
 RENEW_S = 1.0
 LEASE_MARGIN_S = 0.5
 REFRESH_S = 0.5
+STATS_S = 1.0  # the leader's last-minute summary, to Redis this often
+STATS_TTL_S = 10.0
 # A released step's tenant-queue message is acked right after its marker is written, so a
 # copy can only come back to a new leader if the old one died in between: it comes back as soon
 # as the broker notices the dead connection (at worst a few heartbeat intervals).
@@ -147,6 +151,7 @@ class Dispatcher:
         self._renew = redis.register_script(EXTEND_IF_OWNER)
         self._release_lease = redis.register_script(RELEASE_IF_OWNER)
         self.queue = FairQueue()
+        self.recent = RecentService()  # the last minute, for the live views
         self.policies: dict[str, TenantPolicy] = {}
         self.buckets: dict[str, Bucket] = {}
         self.max_parallel: dict[tuple[str, str], int] = {}
@@ -192,6 +197,7 @@ class Dispatcher:
         helpers = [
             asyncio.create_task(self._keep_lease(stop), name="dispatcher-lease"),
             asyncio.create_task(self._keep_fresh(stop), name="dispatcher-refresh"),
+            asyncio.create_task(self._publish_stats(stop), name="dispatcher-stats"),
         ]
         try:
             while not stop.is_set():
@@ -314,8 +320,11 @@ class Dispatcher:
         await self._refresh()
 
     async def _step_down(self) -> None:
-        """Lost the lease: stop consuming and give back every held message."""
-        log.warning("dispatcher.standing_down", id=self.id)
+        """Lost the lease (or stopping): stop consuming and give back every held message."""
+        if self._stop.is_set():
+            log.info("dispatcher.standing_down", id=self.id, reason="stopping")
+        else:
+            log.warning("dispatcher.standing_down", id=self.id)
         self.leader = False
         await self._settle_releases()
         if self._checking is not None:
@@ -493,6 +502,7 @@ class Dispatcher:
                 self.estimates[key] = (1 - EWMA_ALPHA) * previous + EWMA_ALPHA * cost
             self.queue.complete(item, cost)
             COST_SERVED.labels(item.tenant).inc(cost)
+            self.recent.served(item.tenant, cost, time.monotonic())
         self._kick()
 
     async def _on_control(
@@ -621,9 +631,9 @@ class Dispatcher:
             DISPATCHED.labels(held.task.tenant).inc()
             if express:
                 EXPRESS.labels(held.task.tenant).inc()
-            DWELL.labels(held.task.tenant).observe(
-                max(0.0, (now - held.task.enqueued_at).total_seconds())
-            )
+            dwell_s = max(0.0, (now - held.task.enqueued_at).total_seconds())
+            DWELL.labels(held.task.tenant).observe(dwell_s)
+            self.recent.dispatched(held.task.tenant, dwell_s, stamp)
         if len(released) < len(batch):
             raise ReleaseNotConfirmed("work-queue publish not confirmed")
 
@@ -640,6 +650,27 @@ class Dispatcher:
             _, late = await asyncio.wait(set(self._releases), timeout=LEASE_MARGIN_S)
             for release in late:  # unconfirmed: their messages go back with the channel
                 release.cancel()
+
+    async def _publish_stats(self, stop: asyncio.Event) -> None:
+        """The leader's last minute (orchestrator.dispatcher.stats), for `top` and the
+        dashboard: to Redis every STATS_S, expiring, so a dead leader's figures vanish."""
+        while not await sleep_unless(stop, STATS_S):
+            if not self.leader:
+                continue
+            stats = {
+                "at": time.time(),
+                "id": self.id,
+                "window": self.window,
+                "in_flight_total": len(self.in_flight),
+                "in_flight": {t: n for t, n in self.per_tenant.items() if n > 0},
+                "recent": self.recent.summary(time.monotonic()),
+            }
+            try:
+                await self.redis.set(
+                    self.keys.dispatcher_stats, json.dumps(stats), px=int(STATS_TTL_S * 1000)
+                )
+            except (OSError, aioredis.RedisError) as exc:
+                log.debug("dispatcher.stats_failed", error=repr(exc))
 
     def snapshot(self) -> dict[str, Any]:
         return {

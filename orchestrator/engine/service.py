@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any, cast
@@ -43,6 +44,8 @@ log = get_logger(__name__)
 TIMER_BATCH = 500
 MAX_IDLE_S = 0.5
 OUTBOX_SWEEP_S = 5.0
+COUNT_S = 1.0  # executions per state and second, to Redis this often
+COUNTS_KEPT_S = 120
 LIST_SCAN_MAX = 5_000  # executions read per list request with filters
 
 EXECUTIONS = Counter("orchestrator_executions_total", "Executions reaching a state", ["state"])
@@ -76,6 +79,8 @@ class Engine:
         self._channel: AbstractChannel | None = None
         self._tenants_declared: set[str] = set()
         self.tenants = TenantStore(redis, keys)
+        self.keys = keys
+        self._reached: collections.Counter[str] = collections.Counter()  # since the last count
 
     async def channel(self) -> AbstractChannel:
         if self._channel is None or self._channel.is_closed:
@@ -125,6 +130,7 @@ class Engine:
             asyncio.create_task(self._timer_loop(stop)),
             asyncio.create_task(self._heartbeat_loop(stop)),
             asyncio.create_task(self._sweep_loop(stop)),
+            asyncio.create_task(self._count_loop(stop)),
         ]
         try:
             await stop.wait()
@@ -168,6 +174,7 @@ class Engine:
 
         if await self._transact(request.execution_id, begin, now=now, new=True):
             EXECUTIONS.labels("started").inc()
+            self._reached["started"] += 1
         else:
             await self._flush(request.execution_id)  # a duplicate: its effects may be pending
 
@@ -338,10 +345,10 @@ class Engine:
             raise TimeoutError(f"outbox of {execution_id} is held by another engine")
         return True
 
-    @staticmethod
-    def _count(execution: Execution) -> None:
+    def _count(self, execution: Execution) -> None:
         if execution.terminal:
             EXECUTIONS.labels(execution.status).inc()
+            self._reached[execution.status] += 1
 
     # ------------------------------------------------------------------ effects
     async def _flush(self, execution_id: str) -> None:
@@ -412,6 +419,24 @@ class Engine:
                     await self.store.flush(execution_id, self._send)
             except Exception:
                 log.exception("engine.sweep_failed")
+
+    async def _count_loop(self, stop: asyncio.Event) -> None:
+        """Adds what this engine's executions reached to the per-second counts every engine
+        shares in Redis (the live views' executions per second)."""
+        while not stop.is_set():
+            await _sleep_or_stop(self.clock, COUNT_S, stop)
+            reached, self._reached = self._reached, collections.Counter()
+            if not reached:
+                continue
+            key = self.keys.execution_counts(int(self.clock.now().timestamp()))
+            try:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for state, count in reached.items():
+                        pipe.hincrby(key, state, count)
+                    pipe.expire(key, COUNTS_KEPT_S)
+                    await pipe.execute()
+            except (OSError, aioredis.RedisError) as exc:
+                log.debug("engine.count_failed", error=repr(exc))  # a live view's figure
 
     async def execution(self, execution_id: str) -> Execution | None:
         return await self.store.load(execution_id)

@@ -52,6 +52,13 @@ class Keys:
         self.workers = f"{prefix}workers"  # set of worker ids (the registry's index)
         # Registered tenants: those with flows (or configuration). Only they have queues.
         self.tenants = f"{prefix}tenants"
+        # The leading dispatcher's last-minute summary (JSON, expiring), for the live views.
+        self.dispatcher_stats = f"{prefix}stats:dispatcher"
+
+    def execution_counts(self, second: int) -> str:
+        """Executions that reached each state in one second (a hash, expiring): the live
+        views' executions per second, summed over engine replicas."""
+        return f"{self.prefix}stats:executions:{second}"
 
     def worker(self, worker_id: str) -> str:
         """A worker's heartbeat entry; it expires when the worker stops beating."""
