@@ -5,7 +5,7 @@ COPY orchestrator ./orchestrator
 COPY workers ./workers
 COPY schemas ./schemas
 COPY examples ./examples
-RUN pip install --no-cache-dir .
+RUN pip install --no-cache-dir . && mkdir -p /accounts && chown nobody /accounts
 USER nobody
 ENTRYPOINT ["orchestrator"]
 CMD ["up", "--policy", "examples/policy.yaml"]

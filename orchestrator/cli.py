@@ -21,11 +21,13 @@ from rich.table import Table
 from orchestrator import (
     accounts_cli,
     apidoc,
+    demo,
     dlq_cli,
     executions_cli,
     kafka,
     runtime,
     status_cli,
+    top,
     topology,
 )
 from orchestrator.accounts import ManagementError, Role, tenant_of_user, user_of
@@ -33,6 +35,7 @@ from orchestrator.amqp import connect, open_channel, publish
 from orchestrator.cliutil import ExitCode, console, err_console, fail, settings_or_exit
 from orchestrator.clock import from_ms
 from orchestrator.config import Settings
+from orchestrator.dashboard import serve_dashboard
 from orchestrator.dispatcher.service import Dispatcher
 from orchestrator.engine.service import Engine
 from orchestrator.flowfiles import FlowFileError, load_flow_files
@@ -40,6 +43,7 @@ from orchestrator.health import check_all
 from orchestrator.operator import Operator
 from orchestrator.runtime import Body
 from orchestrator.scheduler.service import Scheduler, execution_id_for, request_fire_id
+from orchestrator.telemetry import configure_logging
 from orchestrator.violations.policy import PolicyError, load_policy
 from orchestrator.violations.service import ViolationsConsumer
 from schemas import FlowStartRequested
@@ -95,7 +99,7 @@ def check() -> None:
 
 
 @app.command()
-def up(
+def up(  # noqa: PLR0917 - typer options
     check_only: Annotated[
         bool, typer.Option("--check-only", help="check brokers, apply topology, then exit")
     ] = False,
@@ -107,10 +111,93 @@ def up(
     accounts_dir: Annotated[
         Path, typer.Option("--accounts", help="where the service accounts' files go")
     ] = accounts_cli.DEFAULT_DIR,
+    demo_mode: Annotated[
+        bool,
+        typer.Option(
+            "--demo",
+            help="apply the demo tenants and flows, drive load, and show the live view "
+            "(logs go to --log-file)",
+        ),
+    ] = False,
+    dashboard_port: Annotated[
+        int, typer.Option(help="the dashboard's port on 127.0.0.1 (0: no dashboard)")
+    ] = 8080,
+    log_file: Annotated[
+        Path, typer.Option(help="where the processes log while the live view shows (--demo)")
+    ] = Path(".orchestrator/up.log"),
 ) -> None:
     """Development mode: checks the brokers, applies the topology, then runs a scheduler, an
-    engine, a dispatcher, a worker (and with --policy the violations consumer) in this one
-    process until Ctrl-C."""
+    engine, a dispatcher, a worker, the dashboard (and with --policy or --demo the violations
+    consumer) in this one process until Ctrl-C, which drains and stops them all."""
+    if demo_mode and policy_file is None:
+        policy_file = demo.POLICY_FILE
+    settings = _prepare_up(policy_file, accounts_dir)
+    if check_only:
+        return
+    flows: list[str] = []
+    if demo_mode:
+        flows = asyncio.run(_demo_prepare(settings))
+        console.print(f"demo: {', '.join(flows)} applied; weights {demo.WEIGHTS}")
+
+    async def everything(
+        redis: aioredis.Redis, connection: AbstractRobustConnection, stop: asyncio.Event
+    ) -> None:
+        # Each service on its own connection with its own account, as in production: dev
+        # exercises the production permissions.
+        roles: list[Role] = ["scheduler", "engine", "dispatcher", "worker", "violations"]
+        connections: dict[str, AbstractRobustConnection] = {}
+        try:
+            for role in roles:
+                env = accounts_cli.service_env(accounts_dir, role)
+                role_settings = settings.model_copy(
+                    update={"rabbitmq_url": env.get("ORCH_RABBITMQ_URL", settings.rabbitmq_url)}
+                )
+                connections[role] = await connect(role_settings, f"orchestrator-up-{role}")
+            extras = []
+            if dashboard_port:
+                extras.append(
+                    serve_dashboard(settings, redis, connection, stop, port=dashboard_port)
+                )
+            if demo_mode:
+                user = user_of(str(settings.rabbitmq_url))
+                extras.append(demo.LoadDriver(connection, flows, user_id=user).run(stop))
+                extras.append(top.run(settings, stop=stop))
+            async with Worker(
+                settings, connections["worker"], redis, concurrency=concurrency
+            ) as worker:
+                await asyncio.gather(
+                    Scheduler(settings, redis, connections["scheduler"]).run(stop),
+                    Engine(settings, redis, connections["engine"]).run(stop),
+                    Dispatcher(settings, redis, connections["dispatcher"]).run(stop),
+                    worker.run(stop),
+                    *(
+                        [ViolationsConsumer(settings, redis, connections["violations"]).run(stop)]
+                        if policy_file is not None
+                        else []
+                    ),
+                    *extras,
+                )
+        finally:
+            for opened in connections.values():
+                with contextlib.suppress(Exception):
+                    await opened.close()
+
+    running = "scheduler, engine, dispatcher, worker" + (
+        ", violations consumer" if policy_file is not None else ""
+    )
+    if dashboard_port:
+        running += f", dashboard at http://127.0.0.1:{dashboard_port}/"
+    console.print(f"{running} running; Ctrl-C stops them")
+    if demo_mode:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        console.print(f"logs in {log_file}; the live view follows")
+        configure_logging(settings.log_level, "json", file=log_file)
+    serve(settings, "up", everything, critical=runtime.WITHOUT_KAFKA)
+
+
+def _prepare_up(policy_file: Path | None, accounts_dir: Path) -> Settings:
+    """What `up` does before it runs anything: the policy checked, the brokers answering, the
+    topology applied, the service accounts provisioned."""
     settings = settings_or_exit()
     if policy_file is not None:
         settings = settings.model_copy(update={"violations_policy": policy_file})
@@ -135,47 +222,41 @@ def up(
         raise typer.Exit(ExitCode.FAILURE) from None
     console.print(f"service accounts in {accounts_dir}/ (each process runs with its own)")
     console.print("[green]orchestrator is up[/green]: RabbitMQ, Kafka and Redis answer.")
-    if check_only:
-        return
+    return settings
 
-    async def everything(
+
+async def _demo_prepare(settings: Settings) -> list[str]:
+    async with Operator(settings) as operator:
+        return await demo.prepare(operator)
+
+
+@app.command("top")
+def top_command(
+    interval: Annotated[float, typer.Option(min=0.2, help="seconds between refreshes")] = 1.0,
+    once: Annotated[bool, typer.Option(help="print one frame and exit")] = False,
+) -> None:
+    """Live view: tenants (weight against share of cost served, dwell, in flight, backlog,
+    penalty or quarantine), workers, executions per second, DLQ depths, violations."""
+    settings = settings_or_exit()
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(top.run(settings, interval_s=interval, once=once))
+
+
+@app.command()
+def dashboard(
+    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 8080,
+) -> None:
+    """The web dashboard: tenants' shares over time, executions and their DAGs, DLQs (with
+    replay), violations; live (server-sent events). Runs with the operator's account."""
+    settings = settings_or_exit()
+
+    async def body(
         redis: aioredis.Redis, connection: AbstractRobustConnection, stop: asyncio.Event
     ) -> None:
-        # Each service on its own connection with its own account, as in production: dev
-        # exercises the production permissions.
-        roles: list[Role] = ["scheduler", "engine", "dispatcher", "worker", "violations"]
-        connections: dict[str, AbstractRobustConnection] = {}
-        try:
-            for role in roles:
-                env = accounts_cli.service_env(accounts_dir, role)
-                role_settings = settings.model_copy(
-                    update={"rabbitmq_url": env.get("ORCH_RABBITMQ_URL", settings.rabbitmq_url)}
-                )
-                connections[role] = await connect(role_settings, f"orchestrator-up-{role}")
-            async with Worker(
-                settings, connections["worker"], redis, concurrency=concurrency
-            ) as worker:
-                await asyncio.gather(
-                    Scheduler(settings, redis, connections["scheduler"]).run(stop),
-                    Engine(settings, redis, connections["engine"]).run(stop),
-                    Dispatcher(settings, redis, connections["dispatcher"]).run(stop),
-                    worker.run(stop),
-                    *(
-                        [ViolationsConsumer(settings, redis, connections["violations"]).run(stop)]
-                        if policy_file is not None
-                        else []
-                    ),
-                )
-        finally:
-            for opened in connections.values():
-                with contextlib.suppress(Exception):
-                    await opened.close()
+        await serve_dashboard(settings, redis, connection, stop, host=host, port=port)
 
-    running = "scheduler, engine, dispatcher, worker" + (
-        ", violations consumer" if policy_file is not None else ""
-    )
-    console.print(f"{running} running; Ctrl-C stops them")
-    serve(settings, "up", everything, critical=runtime.WITHOUT_KAFKA)
+    serve(settings, "dashboard", body)
 
 
 @topology_app.command("apply")
