@@ -23,7 +23,7 @@ from aio_pika.abc import (
 )
 from pydantic import ValidationError
 
-from orchestrator import frames, topology
+from orchestrator import frames, topology, tracing
 from orchestrator.coalesce import CoalescingRobustConnection
 from orchestrator.config import Settings
 from orchestrator.frames import BAD_PROPERTIES_HEADER
@@ -113,6 +113,9 @@ class Outgoing:
     content_type: str
     mandatory: bool
     body: bytes
+    # W3C trace context of the span it was rendered in ('' = none): sent as a header, so
+    # the consumer's span continues the trace (orchestrator.tracing).
+    traceparent: str = ""
 
     @classmethod
     def of(cls, message: Message) -> Outgoing:
@@ -125,6 +128,7 @@ class Outgoing:
             message.content_type,
             mandatory,
             message.to_bytes(),
+            tracing.current_traceparent(),
         )
 
 
@@ -141,6 +145,7 @@ async def send(channel: AbstractChannel, outgoing: Outgoing) -> None:
             message_id=outgoing.message_id,
             message_type=outgoing.message_type,
             timestamp=datetime.now(UTC),
+            headers={tracing.HEADER: outgoing.traceparent} if outgoing.traceparent else None,
         ),
         mandatory=outgoing.mandatory,
         timeout=PUBLISH_TIMEOUT_S,
@@ -175,9 +180,13 @@ async def publish(
                 message.content_type,
                 mandatory,
                 message.to_bytes(),
+                tracing.current_traceparent(),
             ),
         )
         return
+    traceparent = tracing.current_traceparent()
+    if traceparent:
+        headers = {**(headers or {}), tracing.HEADER: traceparent}
     amqp_message = to_amqp(message, headers=headers, user_id=user_id)
     # The concrete aiormq channel: its abstract type does not declare `wait`.
     underlay = cast(aiormq.Channel, await channel.get_underlay_channel())

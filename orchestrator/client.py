@@ -35,8 +35,9 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
 from aio_pika.exceptions import DeliveryError
 from aiormq.exceptions import ChannelAccessRefused
+from opentelemetry.trace import SpanKind
 
-from orchestrator import topology
+from orchestrator import topology, tracing
 from orchestrator.accounts import DEFAULT_PREFIX, status_queue_name, tenant_of_user, user_of
 from orchestrator.amqp import publish, to_amqp
 from schemas import (
@@ -249,7 +250,13 @@ class OrchestratorClient:
         try:
             assert self._channel is not None
             try:
-                await publish(self._channel, request, user_id=self.user)
+                # The execution's trace begins here, or continues the caller's span.
+                with tracing.span(
+                    f"start_flow {tenant}/{flow}",
+                    kind=SpanKind.PRODUCER,
+                    attributes={"orchestrator.tenant": tenant, "orchestrator.flow": flow},
+                ):
+                    await publish(self._channel, request, user_id=self.user)
             except DeliveryError:
                 raise UnknownTenant(
                     f"nothing takes flow starts of tenant {tenant!r}: it has no flows"

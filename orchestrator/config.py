@@ -103,6 +103,9 @@ class Settings(BaseSettings):
     log_format: Literal["auto", "json", "console"] = "auto"
     # 0 disables the Prometheus endpoint.
     metrics_port: Annotated[int, Field(ge=0, le=65535)] = 0
+    # Traces (OpenTelemetry) of every hop: none, console (spans as JSON on stdout), or otlp
+    # (OTLP over HTTP, configured by the standard OTEL_EXPORTER_OTLP_* variables).
+    traces: Literal["none", "console", "otlp"] = "none"
 
     @field_validator("kafka_bootstrap")
     @classmethod

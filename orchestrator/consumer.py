@@ -37,6 +37,7 @@ from typing import Generic, TypeVar
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from prometheus_client import Counter
 
+from orchestrator import tracing
 from orchestrator.amqp import (
     InvalidMessage,
     dead_letter,
@@ -130,7 +131,10 @@ class Consumer(Generic[M]):
     async def deliver(self, incoming: AbstractIncomingMessage) -> None:
         """The consume callback: aio-pika runs each delivery on a task of its own."""
         message_id = valid_id(incoming.message_id) or safe_text(incoming.message_id, 80)
-        with bound_context(queue=self.queue, message_id=message_id):
+        with (
+            bound_context(queue=self.queue, message_id=message_id),
+            tracing.consume_span(self.queue, incoming.headers),
+        ):
             try:
                 message = self.decoder(incoming)
             except InvalidMessage as exc:

@@ -19,7 +19,7 @@ from aiohttp import web
 from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from orchestrator import store
+from orchestrator import store, tracing
 from orchestrator.amqp import connect
 from orchestrator.config import Settings
 from orchestrator.outage import EXIT_OUTAGE, OUTAGES, OutageExceeded, sleep_unless
@@ -132,6 +132,7 @@ def serve(
 
     async def main(stop: asyncio.Event) -> None:
         nonlocal code
+        tracing.configure(f"orchestrator-{name}", settings.traces)
         health = await start_health_server(settings.metrics_port)
         redis = store.connect(settings)
         connection = await connect(settings, f"orchestrator-{name}")
@@ -157,6 +158,7 @@ def serve(
                 await redis.aclose()
             if health is not None:
                 await health.cleanup()
+            tracing.shutdown()
 
     asyncio.run(run_until_signalled(main))
     return code

@@ -21,7 +21,7 @@ import redis.asyncio as aioredis
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
 from prometheus_client import Counter, Histogram
 
-from orchestrator import topology
+from orchestrator import topology, tracing
 from orchestrator.amqp import Outgoing, decode, open_channel, send
 from orchestrator.config import Settings
 from orchestrator.consumer import Consumer
@@ -332,7 +332,15 @@ class Worker:
                     ),
                 )
             else:
-                attempt = await self._run(context)
+                with tracing.span(
+                    f"step {task.step_type}",
+                    attributes={
+                        "orchestrator.execution": task.execution_id,
+                        "orchestrator.step": task.step_id,
+                        "orchestrator.attempt": task.attempt,
+                    },
+                ):
+                    attempt = await self._run(context)
             result = StepResult(
                 task_id=task.task_id,
                 execution_id=task.execution_id,

@@ -30,7 +30,7 @@ from aio_pika.abc import (
 )
 from prometheus_client import Counter, Gauge, Histogram
 
-from orchestrator import topology
+from orchestrator import topology, tracing
 from orchestrator.amqp import Outgoing, decode, decode_any, open_channel, send
 from orchestrator.clock import Clock, SystemClock
 from orchestrator.config import Settings
@@ -100,15 +100,26 @@ def _release_of(held: Held, express: bool) -> Outgoing:
     """The task as it came (its body is not rendered again), to its work queue."""
     exchange, key = topology.work_route(held.task, express=express)
     task = held.task
-    return Outgoing(
-        exchange,
-        key,
-        task.message_id(),
-        task.message_type,
-        task.content_type,
-        True,
-        held.incoming.body,
-    )
+    headers = held.incoming.headers or {}
+    parent = headers.get(tracing.HEADER) if tracing.enabled() else None
+    with tracing.span(
+        "dispatcher.release",
+        parent=parent if isinstance(parent, str) else None,
+        attributes={
+            "orchestrator.execution": task.execution_id,
+            "orchestrator.tenant": task.tenant,
+        },
+    ):
+        return Outgoing(
+            exchange,
+            key,
+            task.message_id(),
+            task.message_type,
+            task.content_type,
+            True,
+            held.incoming.body,
+            tracing.current_traceparent(),
+        )
 
 
 @dataclass

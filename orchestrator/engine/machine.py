@@ -75,6 +75,9 @@ class Execution(BaseModel):
     finished_at: datetime | None = None
     # The terminal status event as published: clients asking after the end get it as it was.
     outcome: dict[str, Any] | None = None
+    # W3C trace context of the request that started it: transitions no message starts
+    # (timers) continue the execution's trace (orchestrator.tracing).
+    traceparent: str | None = None
 
     @property
     def terminal(self) -> bool:
@@ -455,8 +458,10 @@ def new_execution(
     definition: FlowDefinition,
     execution_input: dict[str, Any],
     now: datetime,
+    traceparent: str | None = None,
 ) -> Execution:
     return Execution(
+        traceparent=traceparent,
         execution_id=execution_id,
         fire_id=fire_id,
         tenant=definition.tenant,

@@ -13,7 +13,7 @@ import redis.asyncio as aioredis
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
 from prometheus_client import Counter
 
-from orchestrator import topology
+from orchestrator import topology, tracing
 from orchestrator.accounts import tenant_of_user
 from orchestrator.amqp import InvalidMessage, decode, decode_any, open_channel, publish, send
 from orchestrator.clock import Clock, SystemClock, from_ms, to_ms
@@ -167,6 +167,7 @@ class Engine:
                 definition=definition,
                 execution_input=request.input,
                 now=now,
+                traceparent=tracing.current_traceparent() or None,
             )
             transition = Transition(execution, now)
             transition.start()
@@ -316,8 +317,30 @@ class Engine:
         Dispatches that their step type's open breaker refuses are deferred (`step.waiting`)
         and the rest committed. False when `build` found nothing to change."""
         raw = None if new else await self.store.read(execution_id)
+        current = None if raw is None else await self.store.parse(raw)
+        # In the delivery's span (which continues the trace of its sender); a transition that
+        # no message starts (a timer) continues the execution's own trace.
+        stored = current.traceparent if current is not None else None
+        with tracing.span(
+            "engine.transition",
+            parent=None if tracing.current_traceparent() else stored,
+            attributes={"orchestrator.execution": execution_id},
+        ):
+            return await self._commit_and_flush(
+                execution_id, raw, current, build, now=now, attempt=attempt
+            )
+
+    async def _commit_and_flush(
+        self,
+        execution_id: str,
+        raw: str | None,
+        current: Execution | None,
+        build: Callable[[Execution | None], Transition | None],
+        *,
+        now: datetime,
+        attempt: Callable[[Execution], Attempt | None] | None,
+    ) -> bool:
         while True:
-            current = None if raw is None else await self.store.parse(raw)
             transition = build(current)
             if transition is None:
                 return False
@@ -340,6 +363,7 @@ class Engine:
             if not commit.conflict:
                 break
             raw = commit.current
+            current = None if raw is None else await self.store.parse(raw)
         self._count(transition.x)
         if not await self.store.flush(execution_id, self._send, commit):
             raise TimeoutError(f"outbox of {execution_id} is held by another engine")

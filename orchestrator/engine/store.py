@@ -225,7 +225,7 @@ class OutboxEntry:
             return _SEP.join((self.kind, self.flow, self.execution_id)) + _BODY
         o = self.outgoing
         fields = (self.kind, o.exchange, o.routing_key, o.message_id, o.message_type)
-        head = _SEP.join((*fields, o.content_type, "1" if o.mandatory else "0"))
+        head = _SEP.join((*fields, o.content_type, "1" if o.mandatory else "0", o.traceparent))
         return head + _BODY + o.body.decode()
 
     @classmethod
@@ -247,6 +247,7 @@ class OutboxEntry:
             content_type,
             mandatory == "1",
             body.encode(),
+            fields[7] if len(fields) > 7 else "",  # entries of engines before tracing: none
         )
         return cls(kind, outgoing)
 

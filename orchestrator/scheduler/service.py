@@ -18,7 +18,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobus
 from prometheus_client import Counter, Histogram
 from pydantic import ValidationError
 
-from orchestrator import topology
+from orchestrator import topology, tracing
 from orchestrator.accounts import tenant_of_user
 from orchestrator.amqp import InvalidMessage, decode, open_channel, publish, rejection_id, valid_id
 from orchestrator.clock import Clock, SystemClock, from_ms, to_ms
@@ -354,7 +354,15 @@ class Scheduler:
             return
         decision = await self._admit(definition, execution)
         if decision is Admission.RUN:
-            await publish(await self.channel(), execution)
+            with tracing.span(
+                "scheduler.fire",
+                attributes={
+                    "orchestrator.tenant": definition.tenant,
+                    "orchestrator.flow": definition.id,
+                    "orchestrator.execution": execution.execution_id,
+                },
+            ):
+                await publish(await self.channel(), execution)
             LATENESS.observe(max(0.0, (self.clock.now() - nominal).total_seconds()))
             await self._status(
                 "tick", "fired", definition, fire_id, data, subject=execution.execution_id
