@@ -26,6 +26,7 @@ from pathlib import Path
 import redis.asyncio as aioredis
 import uvicorn
 from aio_pika.abc import AbstractRobustConnection
+from prometheus_client import Gauge
 from sse_starlette.sse import EventSourceResponse
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -41,6 +42,14 @@ from orchestrator.overview import gather
 from orchestrator.telemetry import get_logger
 
 log = get_logger(__name__)
+
+DLQ_MESSAGES = Gauge(
+    "orchestrator_dlq_messages", "Messages in each dead-letter queue (dashboard)", ["queue"]
+)
+BACKLOG = Gauge(
+    "orchestrator_tenant_backlog", "Steps waiting in a tenant's fair queue (dashboard)", ["tenant"]
+)
+EXPORT_S = 15.0
 
 STATIC = Path(__file__).parent / "static"
 INTERVAL_S = 1.0
@@ -181,6 +190,23 @@ class Dashboard:
         )
 
 
+async def _export(settings: Settings, redis: aioredis.Redis, stop: asyncio.Event) -> None:
+    """What the alert rules need that no service process knows: DLQ depths and backlogs, as
+    Prometheus gauges of this process (/metrics with ORCH_METRICS_PORT)."""
+    while not stop.is_set():
+        try:
+            overview = await gather(settings, redis)
+        except Exception as exc:  # a broker away: the gauges keep their last values
+            log.debug("dashboard.export_failed", error=repr(exc))
+        else:
+            for queue, depth in overview.dlqs.items():
+                DLQ_MESSAGES.labels(queue).set(depth)
+            for row in overview.tenants:
+                BACKLOG.labels(row.tenant).set(row.backlog)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), EXPORT_S)
+
+
 class _Server(uvicorn.Server):
     """uvicorn without its signal handlers: the process's own (orchestrator.runtime) stop it,
     together with everything else running in the loop."""
@@ -209,10 +235,12 @@ async def serve_dashboard(
     )
     server = _Server(config)
     task = asyncio.create_task(server.serve())
+    exporter = asyncio.create_task(_export(settings, redis, stop))
     log.info("dashboard.started", url=f"http://{host}:{port}/")
     try:
         await stop.wait()
     finally:
+        exporter.cancel()
         server.should_exit = True
         with contextlib.suppress(Exception):
             await asyncio.wait_for(task, 10)

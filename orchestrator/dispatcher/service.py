@@ -83,6 +83,12 @@ EXPRESS = Counter(
 IN_FLIGHT = Gauge("orchestrator_in_flight", "Dispatched, not yet completed", ["tenant"])
 WEIGHT = Gauge("orchestrator_tenant_weight", "Effective weight (weight x penalty)", ["tenant"])
 QUARANTINED = Gauge("orchestrator_tenant_quarantined", "1 while quarantined", ["tenant"])
+LEADING = Gauge("orchestrator_dispatcher_leading", "1 while this dispatcher holds the lease")
+LEASE_CHANGES = Counter(
+    "orchestrator_dispatcher_lease_changes_total",
+    "Leadership taken (acquired) or given up (released) by this dispatcher",
+    ["change"],
+)
 CONTROL_COMMANDS = (PenaltyCommand, QuarantineCommand, ReleaseCommand)
 
 
@@ -311,6 +317,8 @@ class Dispatcher:
 
     async def _become_leader(self) -> None:
         log.info("dispatcher.leading", id=self.id)
+        LEASE_CHANGES.labels("acquired").inc()
+        LEADING.set(1)
         # `leader` only once the channel is open: the refresh task acts on `leader` and needs
         # the channel, and opening it can take a while on a loaded host (a refresh that came
         # in between used to kill a freshly taken-over dispatcher).
@@ -336,6 +344,8 @@ class Dispatcher:
             log.info("dispatcher.standing_down", id=self.id, reason="stopping")
         else:
             log.warning("dispatcher.standing_down", id=self.id)
+        LEASE_CHANGES.labels("released").inc()
+        LEADING.set(0)
         self.leader = False
         await self._settle_releases()
         if self._checking is not None:

@@ -18,6 +18,7 @@ the same ids, which the dispatcher applies once.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator, MutableMapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,7 +27,7 @@ from typing import Any
 import faust
 import redis.asyncio as aioredis
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 from pydantic import ValidationError
 
 from orchestrator import kafka
@@ -56,6 +57,11 @@ EVENTS = Counter(
 )
 DECISIONS = Counter(
     "orchestrator_violations_total", "Violations acted on", ["tenant", "rule", "action"]
+)
+LAG = Gauge(
+    "orchestrator_usage_lag_seconds",
+    "Age of the latest usage record read (append time to now), by partition: consumer lag",
+    ["partition"],
 )
 JUDGED = Histogram(
     "orchestrator_violations_judged_seconds",
@@ -205,6 +211,8 @@ class ViolationsConsumer:
                             await self._on_usage(event, dlq, appended_ms)
                     for staged in tables.values():
                         staged.flush(partition)
+                last = batch[-1].message
+                LAG.labels(str(last.partition)).set(max(0.0, time.time() - last.timestamp))
 
         @app.task  # type: ignore[untyped-decorator]
         async def intervals_at_start() -> None:
