@@ -10,7 +10,7 @@ WITH_ENV := eval "$$(scripts/infra env)" &&
 $(BIN)/orchestrator: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	PYTHONWARNINGS=ignore $(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
 venv: $(BIN)/orchestrator

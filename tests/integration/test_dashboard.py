@@ -142,6 +142,10 @@ async def test_the_page_shows_what_the_apis_report_and_updates_live(
             dash = next(t for t in api.tenants if t.tenant == "dash")
             assert _text(browser, f"{row} [data-field='weight']") == f"{dash.weight:g}"
             assert _text(browser, f"{row} [data-field='state']").startswith(dash.state)
+            share = f"{round(dash.weight_share * 100)}%"
+            assert await _eventually(
+                lambda: _text(browser, f"{row} [data-field='weight_share']") == share
+            ), (share, _text(browser, f"{row} [data-field='weight_share']"))
 
             # Executions: the one we ran, in the state the engine reports, and its steps.
             view = await client.get_execution(execution_id, "dash")
