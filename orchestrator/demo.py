@@ -25,6 +25,7 @@ from orchestrator import topology
 from orchestrator.amqp import open_channel, publish
 from orchestrator.flowfiles import load_flow_files
 from orchestrator.operator import Operator
+from orchestrator.outage import sleep_unless
 from orchestrator.telemetry import get_logger
 from schemas import FlowStartRequested
 
@@ -120,7 +121,6 @@ class LoadDriver:
                     return_exceptions=True,
                 )
                 self.started += sum(1 for r in results if not isinstance(r, BaseException))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), 0.1)
+            await sleep_unless(stop, 0.1)
         with contextlib.suppress(Exception):
             await channel.close()

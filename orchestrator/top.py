@@ -20,6 +20,7 @@ from rich.text import Text
 
 from orchestrator import store
 from orchestrator.config import Settings
+from orchestrator.outage import sleep_unless
 from orchestrator.overview import Overview, gather
 
 STATE_STYLE = {"ok": "green", "penalised": "yellow", "quarantined": "bold red"}
@@ -143,8 +144,7 @@ async def run(
                 except Exception as exc:  # a broker away: say so, keep watching
                     frame = Group(Text(f"cannot read the system: {exc!r}", style="red"))
                 live.update(frame, refresh=True)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), interval_s)
+                await sleep_unless(stop, interval_s)
     finally:
         with contextlib.suppress(Exception):
             await redis.aclose()

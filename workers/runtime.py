@@ -25,6 +25,7 @@ from orchestrator import topology, tracing
 from orchestrator.amqp import Outgoing, decode, open_channel, send
 from orchestrator.config import Settings
 from orchestrator.consumer import Consumer
+from orchestrator.outage import sleep_unless
 from orchestrator.store import Keys
 from orchestrator.telemetry import bound_context, get_logger
 from schemas import StepResult, StepTask, UsageEvent
@@ -254,8 +255,7 @@ class Worker:
                     await pipe.execute()
             except (OSError, aioredis.RedisError) as exc:
                 log.warning("worker.heartbeat_failed", error=repr(exc))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), HEARTBEAT_S)
+            await sleep_unless(stop, HEARTBEAT_S)
 
     async def _run_in_slot(
         self, task: StepTask, incoming: AbstractIncomingMessage, *, express: bool

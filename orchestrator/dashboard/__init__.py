@@ -38,6 +38,7 @@ from orchestrator import dlq, topology
 from orchestrator.accounts import user_of
 from orchestrator.client import OrchestratorClient, OrchestratorError
 from orchestrator.config import Settings
+from orchestrator.outage import sleep_unless
 from orchestrator.overview import gather
 from orchestrator.telemetry import get_logger
 
@@ -203,8 +204,7 @@ async def _export(settings: Settings, redis: aioredis.Redis, stop: asyncio.Event
                 DLQ_MESSAGES.labels(queue).set(depth)
             for row in overview.tenants:
                 BACKLOG.labels(row.tenant).set(row.backlog)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), EXPORT_S)
+        await sleep_unless(stop, EXPORT_S)
 
 
 class _Server(uvicorn.Server):
