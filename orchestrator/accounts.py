@@ -337,6 +337,13 @@ class Management:
         found = self.call("GET", "/users")
         return found if isinstance(found, list) else []
 
+    def queue(self, vhost: str, name: str) -> dict[str, Any]:
+        """One queue as the broker describes it (arguments, type, counts)."""
+        found = self.call("GET", f"/queues/{_p(vhost)}/{_p(name)}")
+        if not isinstance(found, dict):
+            raise ManagementError(f"no queue {name!r} in vhost {vhost!r}")
+        return found
+
     def queue_depths(self, vhost: str) -> dict[str, int]:
         """Every queue of the vhost and the messages in it (ready and unacked; the API's
         counts lag by a few seconds)."""

@@ -11,12 +11,10 @@ each other's queues or keys; Kafka tests use topics with unique names.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
 import urllib.parse
-import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -26,6 +24,7 @@ import pytest_asyncio
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
 from orchestrator import topology
+from orchestrator.accounts import Management, ManagementError
 from orchestrator.amqp import connect, open_channel
 from orchestrator.config import Settings
 
@@ -88,40 +87,10 @@ def broker_urls() -> Iterator[BrokerUrls]:
         )
 
 
-class Management:
-    """A small client of the RabbitMQ management HTTP API (stdlib only)."""
-
-    def __init__(self, base_url: str) -> None:
-        parsed = urllib.parse.urlsplit(base_url)
-        self.base = f"{parsed.scheme}://{parsed.hostname}:{parsed.port or 15672}/api"
-        manager = urllib.request.HTTPPasswordMgrWithDefaultRealm()
-        manager.add_password(
-            None, self.base, parsed.username or "guest", parsed.password or "guest"
-        )
-        self.opener = urllib.request.build_opener(urllib.request.HTTPBasicAuthHandler(manager))
-
-    def request(self, method: str, path: str, body: object | None = None) -> object:
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(
-            self.base + path,
-            data=data,
-            method=method,
-            headers={"content-type": "application/json"},
-        )
-        with self.opener.open(req, timeout=30) as response:
-            text = response.read()
-        return json.loads(text) if text else None
-
-    def queue(self, vhost: str, name: str) -> dict[str, object]:
-        path = f"/queues/{urllib.parse.quote(vhost, safe='')}/{urllib.parse.quote(name, safe='')}"
-        result = self.request("GET", path)
-        assert isinstance(result, dict)
-        return result
-
-
 @pytest.fixture(scope="session")
-def management(broker_urls: BrokerUrls) -> Management:
-    return Management(broker_urls.management)
+def management(broker_urls: BrokerUrls) -> Iterator[Management]:
+    with Management(broker_urls.management) as client:
+        yield client
 
 
 @pytest.fixture(scope="session")
@@ -129,19 +98,19 @@ def vhost(broker_urls: BrokerUrls, management: Management) -> Iterator[str]:
     name = f"test-{uuid.uuid4().hex[:10]}"
     quoted = urllib.parse.quote(name, safe="")
     try:
-        management.request("PUT", f"/vhosts/{quoted}", {})
-    except OSError as exc:
+        management.call("PUT", f"/vhosts/{quoted}", {})
+    except ManagementError as exc:
         _unavailable(f"RabbitMQ management API at {management.base}: {exc}")
     user = urllib.parse.urlsplit(broker_urls.rabbitmq).username or "guest"
-    management.request(
+    management.call(
         "PUT", f"/permissions/{quoted}/{user}", {"configure": ".*", "write": ".*", "read": ".*"}
     )
     yield name
-    management.request("DELETE", f"/vhosts/{quoted}")
-    users = management.request("GET", "/users")
+    management.call("DELETE", f"/vhosts/{quoted}")
+    users = management.call("GET", "/users")
     for found in users if isinstance(users, list) else []:
         if str(found.get("name", "")).startswith(f"{name}."):
-            management.request("DELETE", f"/users/{urllib.parse.quote(found['name'], safe='')}")
+            management.call("DELETE", f"/users/{urllib.parse.quote(found['name'], safe='')}")
 
 
 @pytest.fixture(scope="session")

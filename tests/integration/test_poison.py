@@ -23,10 +23,10 @@ import pytest
 from aio_pika.abc import AbstractChannel, AbstractQueue
 
 from orchestrator import store, topology
+from orchestrator.accounts import Management
 from orchestrator.config import Settings
 from orchestrator.store.flows import FlowRegistry
 from schemas import FlowDefinition
-from tests.conftest import Management
 from tests.integration.helpers import (
     body,
     drain,

@@ -11,6 +11,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from aio_pika.exceptions import DeliveryError
 
 from orchestrator import topology
+from orchestrator.accounts import Management
 from orchestrator.amqp import (
     DETAIL_HEADER,
     QUEUE_HEADER,
@@ -21,7 +22,6 @@ from orchestrator.amqp import (
     publish,
 )
 from schemas import MESSAGES, ExecutionRequested, StatusEvent
-from tests.conftest import Management
 from tests.factories import sample
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
