@@ -17,7 +17,7 @@ from contextlib import contextmanager
 
 from orchestrator.accounts import Management
 from orchestrator.config import Settings, load_settings
-from tests.integration.processes import process_env
+from orchestrator.testing import process_env
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -47,7 +47,7 @@ import redis
 from bench.common import isolated_settings, percentile, print_table
 from bench.engine import Harness, raw_ceiling
 from orchestrator.config import Settings
-from tests.integration.processes import spawn, stop_all
+from orchestrator.testing import spawn, stop_all
 
 ROOT = Path(__file__).resolve().parent.parent
 OURS = "orchestrator"

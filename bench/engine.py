@@ -29,8 +29,8 @@ from orchestrator import store, topology
 from orchestrator.amqp import connect, open_channel, publish
 from orchestrator.config import Settings
 from orchestrator.store.flows import FlowRegistry
+from orchestrator.testing import spawn, stop_all
 from schemas import ExecutionRequested, FlowDefinition, StatusEvent
-from tests.integration.processes import spawn, stop_all
 
 CHAIN = {
     "id": "chain",

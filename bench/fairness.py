@@ -50,8 +50,8 @@ from orchestrator.amqp import connect, open_channel, publish
 from orchestrator.config import Settings
 from orchestrator.kafka import ensure_topics
 from orchestrator.store.tenants import TenantStore
+from orchestrator.testing import spawn, stop_all
 from schemas import StepResult, StepTask, UsageEvent
-from tests.integration.processes import spawn, stop_all
 
 TENANTS = ("a", "b", "c")
 

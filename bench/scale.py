@@ -31,8 +31,8 @@ from orchestrator import store
 from orchestrator.config import Settings
 from orchestrator.engine.store import EngineKeys
 from orchestrator.store.flows import FlowRegistry
+from orchestrator.testing import spawn, stop_all
 from schemas import FlowDefinition
-from tests.integration.processes import spawn, stop_all
 
 HOLD = {"id": "hold", "steps": [{"id": "a", "type": "demo.sleep", "input": {"ms": 600_000}}]}
 

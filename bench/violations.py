@@ -30,9 +30,9 @@ from bench.common import isolated_settings, percentile, print_table
 from orchestrator import kafka, store, topology
 from orchestrator.amqp import connect, open_channel
 from orchestrator.config import Settings
+from orchestrator.testing import cpu_usage
 from orchestrator.violations.service import EVENTS, ViolationsConsumer
 from schemas import UsageEvent
-from tests.factories import cpu_usage
 
 WINDOW = 2
 GRACE = 0.5

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from orchestrator.testing import cpu_usage  # noqa: F401 - shared with the benches
 from schemas import (
     MESSAGES,
     ExecutionCancel,
@@ -175,26 +175,3 @@ def sample(message_type: str, tenant: str = "acme") -> Message:
     assert set(builders) == set(MESSAGES), "every message type needs a sample"
     message: Message = builders[message_type]()
     return message
-
-
-def cpu_usage(
-    tenant: str, cpu_s: float, n: int, *, finished: datetime | None = None, flow: str = "f"
-) -> UsageEvent:
-    """A succeeded demo.cpu attempt that burnt `cpu_s` and ended at `finished` (default now);
-    `n` numbers the execution, the event id is unique."""
-    end = finished or datetime.now(UTC)
-    return UsageEvent(
-        event_id=f"{tenant}-{uuid.uuid4().hex[:10]}-{n}:s:1",
-        tenant=tenant,
-        flow_id=flow,
-        execution_id=f"{tenant}-{n}",
-        step_id="s",
-        step_type="demo.cpu",
-        attempt=1,
-        worker_id="test",
-        outcome="succeeded",
-        wall_s=cpu_s,
-        cpu_s=cpu_s,
-        started_at=end - timedelta(seconds=cpu_s),
-        finished_at=end,
-    )

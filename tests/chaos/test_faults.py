@@ -30,9 +30,9 @@ from orchestrator import store, topology
 from orchestrator.amqp import open_channel, publish
 from orchestrator.config import Settings
 from orchestrator.store.flows import FlowRegistry
+from orchestrator.testing import spawn, violations_env
 from schemas import FlowDefinition, FlowStartRequested
 from tests.integration.helpers import body, fresh_settings, reset_queues
-from tests.integration.processes import spawn, violations_env
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 

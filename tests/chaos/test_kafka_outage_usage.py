@@ -27,9 +27,9 @@ from orchestrator import store
 from orchestrator.amqp import publish
 from orchestrator.config import Settings
 from orchestrator.store.flows import FlowRegistry
+from orchestrator.testing import spawn, spawn_pipeline, stop_all, violations_env
 from schemas import FlowDefinition, FlowStartRequested
 from tests.integration.helpers import body, drain, fresh_settings, reset_queues, status_feed
-from tests.integration.processes import spawn, spawn_pipeline, stop_all, violations_env
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 

@@ -15,6 +15,7 @@ from orchestrator import store, topology
 from orchestrator.config import Settings
 from orchestrator.engine.store import ExecutionStore
 from orchestrator.store.flows import FlowRegistry
+from orchestrator.testing import spawn, stop_all
 from schemas import FlowDefinition
 from tests.integration.helpers import (
     body,
@@ -24,7 +25,6 @@ from tests.integration.helpers import (
     request_execution,
     reset_queues,
 )
-from tests.integration.processes import spawn, stop_all
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 

@@ -18,9 +18,9 @@ from aio_pika.abc import AbstractChannel
 from orchestrator import store, topology
 from orchestrator.config import Settings
 from orchestrator.store.flows import FlowRegistry
+from orchestrator.testing import spawn, spawn_pipeline, stop_all, violations_env
 from schemas import FlowDefinition
 from tests.integration.helpers import drain, fresh_settings, reset_queues
-from tests.integration.processes import spawn, spawn_pipeline, stop_all, violations_env
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 

@@ -9,7 +9,7 @@ import uuid
 from pathlib import Path
 
 from orchestrator.config import Settings
-from tests.integration.processes import process_env
+from orchestrator.testing import process_env
 
 
 def _run(settings: Settings, *args: str, **env: str) -> subprocess.CompletedProcess[str]:

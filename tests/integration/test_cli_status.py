@@ -12,8 +12,8 @@ from collections.abc import AsyncIterator
 import pytest
 
 from orchestrator.config import Settings
+from orchestrator.testing import process_env
 from tests.integration.helpers import fresh_settings, reset_queues
-from tests.integration.processes import process_env
 from tests.integration.system import System, running_system
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")

@@ -21,6 +21,7 @@ from orchestrator.amqp import publish
 from orchestrator.config import Settings
 from orchestrator.dispatcher.service import Dispatcher
 from orchestrator.store.tenants import TenantStore
+from orchestrator.testing import spawn, stop_all
 from schemas import QuarantineCommand, ReleaseCommand, StepTask
 from tests.integration.helpers import (
     body,
@@ -30,7 +31,6 @@ from tests.integration.helpers import (
     purged,
     reset_queues,
 )
-from tests.integration.processes import spawn, stop_all
 from workers import Worker
 from workers import builtin as _builtin  # noqa: F401 - registers demo.* steps
 

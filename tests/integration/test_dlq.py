@@ -24,9 +24,9 @@ from orchestrator.config import Settings
 from orchestrator.dlq import BATCH as REPLAY_WINDOW
 from orchestrator.scheduler.service import Scheduler
 from orchestrator.store.flows import FlowRegistry
+from orchestrator.testing import process_env
 from schemas import FlowDefinition, FlowStartRequested
 from tests.integration.helpers import body, drain, fresh_settings, get_one, purged, status_feed
-from tests.integration.processes import process_env
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 

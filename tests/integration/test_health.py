@@ -21,9 +21,9 @@ from aio_pika.abc import AbstractChannel
 
 from orchestrator import topology
 from orchestrator.config import Settings
+from orchestrator.testing import process_env
 from tests.faults import TcpProxy
 from tests.integration.helpers import fresh_settings
-from tests.integration.processes import process_env
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 

@@ -21,10 +21,10 @@ from orchestrator import store, topology
 from orchestrator.amqp import publish
 from orchestrator.config import Settings
 from orchestrator.store.flows import FlowRegistry
+from orchestrator.testing import process_env
 from schemas import FlowDefinition, FlowStartRequested
 from tests.faults import TcpProxy
 from tests.integration.helpers import body, drain, fresh_settings, purged, reset_queues
-from tests.integration.processes import process_env
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 

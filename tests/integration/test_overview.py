@@ -21,9 +21,9 @@ from orchestrator.amqp import publish
 from orchestrator.config import Settings
 from orchestrator.operator import Operator
 from orchestrator.overview import Overview, gather
+from orchestrator.testing import process_env
 from schemas import FlowStartRequested
 from tests.integration.helpers import fresh_settings, purged, reset_queues
-from tests.integration.processes import process_env
 from tests.integration.system import running_system
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")

@@ -26,6 +26,7 @@ from orchestrator import store, topology
 from orchestrator.accounts import Management
 from orchestrator.config import Settings
 from orchestrator.store.flows import FlowRegistry
+from orchestrator.testing import spawn, stop_all
 from schemas import FlowDefinition
 from tests.integration.helpers import (
     body,
@@ -36,7 +37,6 @@ from tests.integration.helpers import (
     request_execution,
     reset_queues,
 )
-from tests.integration.processes import spawn, stop_all
 from workers.runtime import POISON_CRASHES
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")

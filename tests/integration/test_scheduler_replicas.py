@@ -17,9 +17,9 @@ from aio_pika.abc import AbstractChannel
 from orchestrator import store, topology
 from orchestrator.config import Settings
 from orchestrator.store.flows import FlowRegistry
+from orchestrator.testing import process_env
 from schemas import FlowDefinition
 from tests.integration.helpers import body, drain, fresh_settings, purged
-from tests.integration.processes import process_env
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 

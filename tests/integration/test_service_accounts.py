@@ -26,10 +26,10 @@ from orchestrator.accounts_cli import env_file, provision_services, read_env_url
 from orchestrator.amqp import publish, to_amqp
 from orchestrator.config import Settings
 from orchestrator.store.flows import FlowRegistry
+from orchestrator.testing import spawn, stop_all
 from schemas import FlowDefinition, FlowStartRequested
 from tests.factories import sample
 from tests.integration.helpers import drain, fresh_settings, reset_queues, status_feed
-from tests.integration.processes import spawn, stop_all
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 

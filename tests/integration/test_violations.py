@@ -21,10 +21,10 @@ from aiokafka import AIOKafkaProducer
 from orchestrator import store, topology
 from orchestrator.config import Settings
 from orchestrator.store.tenants import TenantStore
+from orchestrator.testing import process_env, spawn, stop_all
 from orchestrator.violations.service import ViolationsConsumer
 from tests.factories import cpu_usage
 from tests.integration.helpers import body, drain, fresh_settings, status_feed
-from tests.integration.processes import process_env, spawn, stop_all
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 

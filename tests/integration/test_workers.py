@@ -19,9 +19,9 @@ from orchestrator.config import Settings
 from orchestrator.dispatcher.service import Dispatcher
 from orchestrator.engine.service import Engine
 from orchestrator.store.flows import FlowRegistry
+from orchestrator.testing import process_env, spawn, stop_all
 from schemas import FlowDefinition, UsageEvent
 from tests.integration.helpers import body, fresh_settings, get_one, request_execution, reset_queues
-from tests.integration.processes import process_env, spawn, stop_all
 from workers import Worker
 from workers import builtin as _builtin  # noqa: F401 - registers demo.* steps
 from workers.usage import UsageReporter

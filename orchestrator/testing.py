@@ -1,16 +1,25 @@
-"""Running real `orchestrator` processes from tests, to kill them like production would."""
+"""Running real `orchestrator` processes, as tests and benchmarks do: spawned with the
+environment of a `Settings` (its brokers, Redis prefix, usage topic, accounts), stopped with
+SIGTERM, killed like production would kill them. For users testing their own step handlers
+against real brokers as much as for this project's suites and benches.
+
+`ORCH_TEST_PROCESS_LOG=PATH` sends the spawned processes' logs there (debugging a test);
+`ORCH_TEST_PROCESS_LOG_LEVEL` sets their level (default WARNING)."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from orchestrator.config import Settings
+from schemas import UsageEvent
 
 
 def process_env(settings: Settings, **extra: str) -> dict[str, str]:
@@ -36,7 +45,7 @@ def _log_target() -> Any:
 
 
 def spawn(settings: Settings, *args: str, **extra: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
+    return subprocess.Popen(  # noqa: S603 - our own CLI, with our own arguments
         [sys.executable, "-m", "orchestrator", *args],
         env=process_env(settings, **extra),
         stdout=subprocess.DEVNULL,
@@ -75,3 +84,26 @@ def violations_env(directory: Path, policy: dict[str, Any], app_id: str) -> dict
         "ORCH_VIOLATIONS_POLICY": str(path),
         "ORCH_VIOLATIONS_DATA_DIR": str(directory / "violations"),
     }
+
+
+def cpu_usage(
+    tenant: str, cpu_s: float, n: int, *, finished: datetime | None = None, flow: str = "f"
+) -> UsageEvent:
+    """A succeeded demo.cpu attempt that burnt `cpu_s` and ended at `finished` (default now);
+    `n` numbers the execution, the event id is unique."""
+    end = finished or datetime.now(UTC)
+    return UsageEvent(
+        event_id=f"{tenant}-{uuid.uuid4().hex[:10]}-{n}:s:1",
+        tenant=tenant,
+        flow_id=flow,
+        execution_id=f"{tenant}-{n}",
+        step_id="s",
+        step_type="demo.cpu",
+        attempt=1,
+        worker_id="test",
+        outcome="succeeded",
+        wall_s=cpu_s,
+        cpu_s=cpu_s,
+        started_at=end - timedelta(seconds=cpu_s),
+        finished_at=end,
+    )
