@@ -437,12 +437,12 @@ def workers_list() -> None:
     table = Table("id", "host", "pool", "steps", "in-flight", "last heartbeat")
     for entry in _operate(settings, lambda ops: ops.workers()):
         table.add_row(
-            entry["id"],
-            entry["host"],
-            entry["pool"],
-            ", ".join(entry["steps"]),
-            f"{entry['in_flight']}/{entry['concurrency']}",
-            entry["last_heartbeat"],
+            entry.id,
+            entry.host,
+            entry.pool,
+            ", ".join(entry.steps),
+            f"{entry.in_flight}/{entry.concurrency}",
+            entry.last_heartbeat.isoformat(),
         )
     console.print(table)
 

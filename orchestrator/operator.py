@@ -31,7 +31,7 @@ from orchestrator.config import Settings
 from orchestrator.store.admission import AdmissionStore
 from orchestrator.store.flows import Applied, FlowRegistry
 from orchestrator.store.tenants import TenantPolicy, TenantStore
-from orchestrator.store.workers import live_workers
+from orchestrator.store.workers import WorkerEntry, live_workers
 from schemas import (
     FlowDefinition,
     Message,
@@ -183,7 +183,7 @@ class Operator:
         return await FlowRegistry(self.redis, self.keys).delete(tenant, flow_id)
 
     # ------------------------------------------------------------------ workers
-    async def workers(self) -> list[dict[str, Any]]:
+    async def workers(self) -> list[WorkerEntry]:
         return await live_workers(self.redis, self.keys)
 
 

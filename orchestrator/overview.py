@@ -169,7 +169,7 @@ async def gather(settings: Settings, redis: aioredis.Redis) -> Overview:
         at=datetime.now(UTC).isoformat(),
         dispatcher=dispatcher,
         tenants=rows,
-        workers=await live_workers(redis, keys),
+        workers=[json.loads(w.model_dump_json()) for w in await live_workers(redis, keys)],
         dlqs={n: d for n, d in sorted(depths.items()) if n.endswith(topology.DLQ_SUFFIX)},
         violations=violations[:50],
         executions_per_s=await executions_per_s(redis, keys, now),

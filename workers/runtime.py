@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-import json
 import os
 import socket
 import time
@@ -27,6 +26,7 @@ from orchestrator.config import Settings
 from orchestrator.consumer import Consumer
 from orchestrator.outage import sleep_unless
 from orchestrator.store import Keys
+from orchestrator.store.workers import WorkerEntry, publish_worker
 from orchestrator.telemetry import bound_context, get_logger
 from schemas import StepResult, StepTask, UsageEvent
 from schemas.steps import StepError
@@ -235,24 +235,19 @@ class Worker:
     async def _heartbeat_loop(self, stop: asyncio.Event) -> None:
         """The worker registry (service discovery): one key per worker, expiring if it dies."""
         while not stop.is_set():
-            entry = {
-                "id": self.worker_id,
-                "host": socket.gethostname(),
-                "pool": self.pool,
-                "steps": sorted(self.steps.handlers),
-                "concurrency": self.concurrency,
-                # Python code runs one thread at a time (the GIL): one process is one CPU for
-                # CPU-bound steps, shared by all its step threads (express slots included).
-                "cpus": 1,
-                "threads": self.concurrency + self.express_slots,
-                "in_flight": len(self.in_flight),
-                "last_heartbeat": datetime.now(UTC).isoformat(),
-            }
+            entry = WorkerEntry(
+                id=self.worker_id,
+                host=socket.gethostname(),
+                pool=self.pool,
+                steps=sorted(self.steps.handlers),
+                concurrency=self.concurrency,
+                cpus=1,
+                threads=self.concurrency + self.express_slots,
+                in_flight=len(self.in_flight),
+                last_heartbeat=datetime.now(UTC),
+            )
             try:
-                async with self.redis.pipeline(transaction=True) as pipe:
-                    pipe.set(self._registry_key, json.dumps(entry), ex=int(HEARTBEAT_TTL_S))
-                    pipe.sadd(self._registry_index, self.worker_id)
-                    await pipe.execute()
+                await publish_worker(self.redis, self._keys, entry, int(HEARTBEAT_TTL_S))
             except (OSError, aioredis.RedisError) as exc:
                 log.warning("worker.heartbeat_failed", error=repr(exc))
             await sleep_unless(stop, HEARTBEAT_S)

@@ -400,9 +400,9 @@ class Dispatcher:
             else:
                 self.buckets.pop(tenant, None)
         workers = await live_workers(self.redis, self.keys)
-        capacity = sum(int(entry["concurrency"]) for entry in workers)
-        threads = sum(int(entry.get("threads", entry["concurrency"])) for entry in workers)
-        cpus = sum(int(entry.get("cpus", 1)) for entry in workers)
+        capacity = sum(entry.concurrency for entry in workers)
+        threads = sum(entry.step_threads for entry in workers)
+        cpus = sum(entry.cpus for entry in workers)
         self.slots_per_cpu = threads / cpus if cpus else 1.0
         self.window = self._window(capacity)
         self._expire_in_flight()

@@ -1,17 +1,51 @@
-"""The worker registry as readers see it: live workers, from their expiring heartbeats."""
+"""The worker registry: one expiring heartbeat entry per live worker (service discovery).
+
+`WorkerEntry` is the entry's contract: workers write it (workers.runtime), the dispatcher
+sizes its window from the live ones, operators list them (CLI, `top`, the dashboard). An
+entry expires when its worker stops beating; readers drop expired ids from the index.
+"""
 
 from __future__ import annotations
 
-import json
-from typing import Any
+from datetime import datetime
 
 import redis.asyncio as aioredis
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from orchestrator.store import Keys
 
 
-async def live_workers(redis: aioredis.Redis, keys: Keys) -> list[dict[str, Any]]:
-    """Heartbeat entries of the workers alive now; ids whose entry expired leave the index."""
+class WorkerEntry(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    id: str
+    host: str
+    pool: str
+    steps: list[str]
+    concurrency: int  # slots for steps
+    # Python code runs one thread at a time (the GIL): one process is one CPU for CPU-bound
+    # steps, shared by all its step threads (express slots included).
+    cpus: int = 1
+    threads: int | None = None  # step threads, express slots included (None: concurrency)
+    in_flight: int = 0
+    last_heartbeat: datetime
+
+    @property
+    def step_threads(self) -> int:
+        return self.threads if self.threads is not None else self.concurrency
+
+
+async def publish_worker(redis: aioredis.Redis, keys: Keys, entry: WorkerEntry, ttl_s: int) -> None:
+    """Writes (renews) the worker's entry and indexes it, in one transaction."""
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.set(keys.worker(entry.id), entry.model_dump_json(), ex=ttl_s)
+        pipe.sadd(keys.workers, entry.id)
+        await pipe.execute()
+
+
+async def live_workers(redis: aioredis.Redis, keys: Keys) -> list[WorkerEntry]:
+    """Entries of the workers alive now; ids whose entry expired leave the index. An entry
+    that does not parse (a worker of another version) is skipped, not fatal."""
     ids = sorted(str(i) for i in await redis.smembers(keys.workers))
     if not ids:
         return []
@@ -19,4 +53,12 @@ async def live_workers(redis: aioredis.Redis, keys: Keys) -> list[dict[str, Any]
     gone = [i for i, raw in zip(ids, raws, strict=True) if raw is None]
     if gone:
         await redis.srem(keys.workers, *gone)
-    return [json.loads(raw) for raw in raws if raw is not None]
+    entries = []
+    for raw in raws:
+        if raw is None:
+            continue
+        try:
+            entries.append(WorkerEntry.model_validate_json(raw))
+        except ValidationError:
+            continue
+    return entries
