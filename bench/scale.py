@@ -29,7 +29,6 @@ from bench.common import CostMeter, isolated_settings, print_table
 from bench.engine import Harness
 from orchestrator import store
 from orchestrator.config import Settings
-from orchestrator.engine.store import EngineKeys
 from orchestrator.store.flows import FlowRegistry
 from orchestrator.testing import spawn, stop_all
 from schemas import FlowDefinition
@@ -97,7 +96,7 @@ async def kinds(redis: aioredis.Redis, prefix: str, sample: int = 200) -> dict[s
 
 async def memory(settings: Settings, in_flight: int, finished: int) -> list[list[str]]:
     redis = store.connect(settings)
-    keys = EngineKeys(store.Keys(settings.redis_prefix))
+    keys = store.Keys(settings.redis_prefix)
     await FlowRegistry(redis, store.Keys(settings.redis_prefix)).apply(
         [FlowDefinition.model_validate({"tenant": "bench", "overlap": "allow", **HOLD})],
         datetime.now(UTC),

@@ -264,14 +264,14 @@ class Worker:
                 await self._handle(task, incoming, poison=crashes)
             elif crashes:
                 async with self._slots.alone():
-                    await self.redis.set(self._alone_key(task.task_id), "1", ex=RETURNED_TTL_S)
+                    await self.redis.set(self._keys.alone(task.task_id), "1", ex=RETURNED_TTL_S)
                     try:
                         await self._handle(task, incoming)
                     finally:
                         # This process lives: whatever went wrong (a result publish that failed
                         # and is retried), it was no crash. Only a dead worker leaves the marker.
                         with contextlib.suppress(Exception):
-                            await self.redis.delete(self._alone_key(task.task_id))
+                            await self.redis.delete(self._keys.alone(task.task_id))
             else:
                 async with self._slots.slot(express=express):
                     await self._handle(task, incoming)
@@ -279,19 +279,13 @@ class Worker:
             # Given back during drain: not a crash, so it does not count towards `poison`.
             with contextlib.suppress(Exception):
                 async with self.redis.pipeline(transaction=False) as pipe:
-                    pipe.incr(self._returned_key(task.task_id))
-                    pipe.expire(self._returned_key(task.task_id), RETURNED_TTL_S)
-                    pipe.delete(self._alone_key(task.task_id))
+                    pipe.incr(self._keys.returned(task.task_id))
+                    pipe.expire(self._keys.returned(task.task_id), RETURNED_TTL_S)
+                    pipe.delete(self._keys.alone(task.task_id))
                     await asyncio.wait_for(pipe.execute(), 1.0)
             raise
         finally:
             self.in_flight.pop(task.task_id, None)
-
-    def _returned_key(self, task_id: str) -> str:
-        return f"{self._keys.prefix}returned:{task_id}"
-
-    def _alone_key(self, task_id: str) -> str:
-        return f"{self._keys.prefix}alone:{task_id}"
 
     async def _suspicion(
         self, task: StepTask, incoming: AbstractIncomingMessage
@@ -303,8 +297,8 @@ class Worker:
         if not incoming.redelivered or not isinstance(count, int) or count < 1:
             return 0, False
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.get(self._returned_key(task.task_id))
-            pipe.exists(self._alone_key(task.task_id))
+            pipe.get(self._keys.returned(task.task_id))
+            pipe.exists(self._keys.alone(task.task_id))
             returned, alone = await pipe.execute()
         return max(0, count - int(returned or 0)), bool(alone)
 

@@ -164,7 +164,7 @@ class Dispatcher:
         self.keys = keys
         self.tenants = TenantStore(redis, keys)
         self.flows = FlowRegistry(redis, keys)
-        self.lease_key = f"{keys.prefix}dispatcher:leader"
+        self.lease_key = keys.dispatcher_lease
         self._renew = redis.register_script(EXTEND_IF_OWNER)
         self._release_lease = redis.register_script(RELEASE_IF_OWNER)
         self.queue = FairQueue()
@@ -479,7 +479,7 @@ class Dispatcher:
             batch, self._unchecked = self._unchecked, []
             checked = [h for h in batch if h.incoming.redelivered]
             markers = (
-                await self.redis.mget([self._dispatched_key(h.task.task_id) for h in checked])
+                await self.redis.mget([self.keys.dispatched(h.task.task_id) for h in checked])
                 if checked
                 else []
             )
@@ -564,9 +564,6 @@ class Dispatcher:
             if now > held.task.deadline + IN_FLIGHT_GRACE:
                 self._forget(task_id)
 
-    def _dispatched_key(self, task_id: str) -> str:
-        return f"{self.keys.prefix}dispatched:{task_id}"
-
     # ------------------------------------------------------------------ dispatch
     def _dispatch(self) -> None:
         """Picks, in fair order, every step the workers have room for, and hands them to a
@@ -629,12 +626,12 @@ class Dispatcher:
                 self._forget(item.key)
                 log.warning("dispatcher.publish_failed", task_id=item.key, error=str(outcome))
         if len(released) == 1:  # the common case below saturation: no pipeline machinery
-            key = self._dispatched_key(released[0].key)
+            key = self.keys.dispatched(released[0].key)
             await self.redis.set(key, "1", ex=DISPATCHED_MEMORY_S)
         elif released:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for item in released:
-                    pipe.set(self._dispatched_key(item.key), "1", ex=DISPATCHED_MEMORY_S)
+                    pipe.set(self.keys.dispatched(item.key), "1", ex=DISPATCHED_MEMORY_S)
                 await pipe.execute()
         stamp = time.monotonic()
         for item in released:

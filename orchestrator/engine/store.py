@@ -301,39 +301,6 @@ def state_digest(raw: str | None) -> str:
     return "" if raw is None else hashlib.sha1(raw.encode()).hexdigest()  # noqa: S324 - a CAS tag
 
 
-class EngineKeys:
-    def __init__(self, keys: Keys) -> None:
-        prefix = keys.prefix
-        self.prefix = prefix
-        self.timers = f"{prefix}timers"
-        self.live = f"{prefix}live"  # hash execution id -> flow member
-
-    def execution(self, execution_id: str) -> str:
-        return f"{self.prefix}exec:{execution_id}"
-
-    def definition(self, digest: str) -> str:
-        """A flow definition as finished executions refer to it (by the sha1 of its JSON)."""
-        return f"{self.prefix}flowdef:{digest}"
-
-    def index(self, tenant: str) -> str:
-        """A tenant's executions by start time (ms), for listing; trimmed to the state TTL."""
-        return f"{self.prefix}executions:{tenant}"
-
-    def outbox(self, execution_id: str) -> str:
-        return f"{self.prefix}exec:{execution_id}:outbox"
-
-    def flush_lock(self, execution_id: str) -> str:
-        return f"{self.prefix}exec:{execution_id}:flush"
-
-    def breaker(self, tenant: str, step_type: str) -> str:
-        """One breaker per (tenant, step type): a tenant's failing steps hold back its own
-        steps of that type only, never another tenant's."""
-        return f"{self.prefix}breaker:{tenant}:{step_type}"
-
-    def probe(self, tenant: str, step_type: str) -> str:
-        return f"{self.prefix}breaker:{tenant}:{step_type}:probe"
-
-
 class ExecutionStore:
     def __init__(
         self,
@@ -343,8 +310,7 @@ class ExecutionStore:
         breaker: BreakerPolicy | None = None,
     ) -> None:
         self.redis = redis
-        self.base_keys = keys
-        self.keys = EngineKeys(keys)
+        self.keys = keys
         self.state_ttl_s = state_ttl_s
         self.breaker = breaker or BreakerPolicy(threshold=5, cooldown_ms=30_000)
         self._claim_timer = redis.register_script(_CLAIM_TIMER)
@@ -434,7 +400,7 @@ class ExecutionStore:
             self.keys.live,
             self.keys.timers,
             self.keys.flush_lock(eid),
-            self.keys.index(execution.tenant),
+            self.keys.execution_index(execution.tenant),
             self.keys.breaker(record.tenant, record.step_type),
             self.keys.probe(record.tenant, record.step_type),
             self.keys.definition(digest),
@@ -488,7 +454,7 @@ class ExecutionStore:
         flush lock held with `token` unless more entries came in (returns how many)."""
         releases = [e for e in entries if e.kind == "release"]
         keys = [self.keys.outbox(execution_id), self.keys.flush_lock(execution_id)]
-        keys += [self.base_keys.running(e.flow) for e in releases]
+        keys += [self.keys.running(e.flow) for e in releases]
         args: list[str | int] = [len(entries), token, FLUSH_LOCK_MS]
         args += [e.execution_id for e in releases]
         return int(await self.batched.script(_FINISH, keys, args))
@@ -537,8 +503,8 @@ class ExecutionStore:
     async def pending_outboxes(self, limit: int = 100) -> list[str]:
         """Executions with unflushed effects (after a crash with no redelivery to come)."""
         found = []
-        async for key in self.redis.scan_iter(match=f"{self.keys.prefix}exec:*:outbox", count=500):
-            found.append(str(key).removeprefix(f"{self.keys.prefix}exec:").removesuffix(":outbox"))
+        async for key in self.redis.scan_iter(match=self.keys.outbox_pattern, count=500):
+            found.append(self.keys.outbox_owner(str(key)))
             if len(found) >= limit:
                 break
         return found
@@ -552,7 +518,12 @@ class ExecutionStore:
         candidates: list[tuple[float, str]] = []
         for tenant in tenants:
             found = await self.redis.zrevrangebyscore(
-                self.keys.index(tenant), "+inf", low, start=0, num=scan + 1, withscores=True
+                self.keys.execution_index(tenant),
+                "+inf",
+                low,
+                start=0,
+                num=scan + 1,
+                withscores=True,
             )
             candidates += [(float(pair[1]), str(pair[0])) for pair in found]
         candidates.sort(reverse=True)

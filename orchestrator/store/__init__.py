@@ -38,22 +38,95 @@ def connect(settings: Settings) -> aioredis.Redis:
 
 
 class Keys:
-    """Every Redis key the orchestrator writes, under one configurable prefix.
+    """Every Redis key the orchestrator writes, under one configurable prefix: the one place
+    that names them (services build none of their own).
 
     A flow is addressed as the member `<tenant>/<flow>` (slugs contain no `/`).
     """
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
+        # scheduler
         self.flows = f"{prefix}flows"  # set of members
         self.due = f"{prefix}due"  # zset member -> fire-at (epoch ms, jitter included)
         self.nominal = f"{prefix}nominal"  # hash member -> nominal fire time (epoch ms)
         self.buffered_index = f"{prefix}buffered"  # set of members with a waiting execution
+        # workers
         self.workers = f"{prefix}workers"  # set of worker ids (the registry's index)
-        # Registered tenants: those with flows (or configuration). Only they have queues.
+        # tenants: registered ones (with flows or configuration); only they have queues
         self.tenants = f"{prefix}tenants"
+        self.quarantined_flows = f"{prefix}quarantined-flows"  # index of flow quarantines
+        # engine
+        self.timers = f"{prefix}timers"  # zset "<execution>|<kind>|<step>|<attempt>" -> due ms
+        self.live = f"{prefix}live"  # hash execution id -> flow member (running executions)
+        # dispatcher
+        self.dispatcher_lease = f"{prefix}dispatcher:leader"
         # The leading dispatcher's last-minute summary (JSON, expiring), for the live views.
         self.dispatcher_stats = f"{prefix}stats:dispatcher"
+
+    # ---------------------------------------------------------------- tenants
+    def tenant_config(self, tenant: str) -> str:
+        """Hash: weight, concurrency cap, rate."""
+        return f"{self.prefix}tenant:{tenant}"
+
+    def penalty(self, tenant: str) -> str:
+        """The penalty in force (JSON), expiring with it."""
+        return f"{self.prefix}penalty:{tenant}"
+
+    def command(self, command_id: str) -> str:
+        """A control command applied (replays are no-ops)."""
+        return f"{self.prefix}command:{command_id}"
+
+    def violations(self, tenant: str) -> str:
+        """Zset of the tenant's last violations (for operators)."""
+        return f"{self.prefix}violations:{tenant}"
+
+    # ---------------------------------------------------------------- engine
+    def execution(self, execution_id: str) -> str:
+        return f"{self.prefix}exec:{execution_id}"
+
+    def outbox(self, execution_id: str) -> str:
+        return f"{self.prefix}exec:{execution_id}:outbox"
+
+    @property
+    def outbox_pattern(self) -> str:
+        return f"{self.prefix}exec:*:outbox"
+
+    def outbox_owner(self, key: str) -> str:
+        """The execution id of an outbox key."""
+        return key.removeprefix(f"{self.prefix}exec:").removesuffix(":outbox")
+
+    def flush_lock(self, execution_id: str) -> str:
+        return f"{self.prefix}exec:{execution_id}:flush"
+
+    def definition(self, digest: str) -> str:
+        """A flow definition as finished executions refer to it (by the sha1 of its JSON)."""
+        return f"{self.prefix}flowdef:{digest}"
+
+    def execution_index(self, tenant: str) -> str:
+        """A tenant's executions by start time (ms), for listing; trimmed to the state TTL."""
+        return f"{self.prefix}executions:{tenant}"
+
+    def breaker(self, tenant: str, step_type: str) -> str:
+        """One breaker per (tenant, step type): a tenant's failing steps hold back its own
+        steps of that type only, never another tenant's."""
+        return f"{self.prefix}breaker:{tenant}:{step_type}"
+
+    def probe(self, tenant: str, step_type: str) -> str:
+        return f"{self.prefix}breaker:{tenant}:{step_type}:probe"
+
+    # ---------------------------------------------------------------- dispatcher, workers
+    def dispatched(self, task_id: str) -> str:
+        """Marker: this attempt was released to a work queue (a redelivered copy is dropped)."""
+        return f"{self.prefix}dispatched:{task_id}"
+
+    def returned(self, task_id: str) -> str:
+        """How often a worker gave this attempt back while draining (not a crash)."""
+        return f"{self.prefix}returned:{task_id}"
+
+    def alone(self, task_id: str) -> str:
+        """Marker: a suspected poison attempt runs alone on its worker."""
+        return f"{self.prefix}alone:{task_id}"
 
     def execution_counts(self, second: int) -> str:
         """Executions that reached each state in one second (a hash, expiring): the live

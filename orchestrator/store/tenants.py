@@ -38,26 +38,14 @@ class TenantStore:
         self.redis = redis
         self.keys = keys
         self.index = keys.tenants
-        self.flow_index = f"{keys.prefix}quarantined-flows"
-
-    def _config(self, tenant: str) -> str:
-        return f"{self.keys.prefix}tenant:{tenant}"
-
-    def _penalty(self, tenant: str) -> str:
-        return f"{self.keys.prefix}penalty:{tenant}"
-
-    def _command(self, command_id: str) -> str:
-        return f"{self.keys.prefix}command:{command_id}"
-
-    def _violations(self, tenant: str) -> str:
-        return f"{self.keys.prefix}violations:{tenant}"
+        self.flow_index = keys.quarantined_flows
 
     async def record_violation(
         self, tenant: str, window_start: float, entry: dict[str, Any]
     ) -> None:
         """Keeps the tenant's last violations for operators. Deterministic entries for the same
         window collapse, so a consumer replaying a window after a restart adds nothing."""
-        key = self._violations(tenant)
+        key = self.keys.violations(tenant)
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.zadd(key, {json.dumps(entry, sort_keys=True): window_start})
             pipe.zremrangebyrank(key, 0, -VIOLATIONS_KEPT - 1)
@@ -65,7 +53,7 @@ class TenantStore:
 
     async def violations(self, tenant: str) -> list[dict[str, Any]]:
         """The tenant's last violations, newest first."""
-        raw = await self.redis.zrevrange(self._violations(tenant), 0, -1)
+        raw = await self.redis.zrevrange(self.keys.violations(tenant), 0, -1)
         return [json.loads(str(entry)) for entry in raw]
 
     async def register(self, tenant: str) -> None:
@@ -91,14 +79,14 @@ class TenantStore:
             fields["rate_per_s"] = str(rate_per_s)
         await self.register(tenant)
         if fields:
-            await self.redis.hset(self._config(tenant), mapping=fields)  # type: ignore[arg-type]
+            await self.redis.hset(self.keys.tenant_config(tenant), mapping=fields)  # type: ignore[arg-type]
 
     async def policies(self, tenants: list[str]) -> dict[str, TenantPolicy]:
         """Current policy of each tenant, in one round trip."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for tenant in tenants:
-                pipe.hgetall(self._config(tenant))
-                pipe.get(self._penalty(tenant))
+                pipe.hgetall(self.keys.tenant_config(tenant))
+                pipe.get(self.keys.penalty(tenant))
                 pipe.exists(self.keys.quarantine(tenant))
             results = await pipe.execute()
         flow_quarantines: dict[str, set[str]] = {}
@@ -151,7 +139,7 @@ class TenantStore:
     ) -> bool:
         """Applies a control command once (by command id). False for a replay."""
         if not await self.redis.set(
-            self._command(command.command_id), "1", nx=True, ex=COMMAND_MEMORY_S
+            self.keys.command(command.command_id), "1", nx=True, ex=COMMAND_MEMORY_S
         ):
             return False
         # Not registered: a command may name a tenant that has no flows (from a forged usage
@@ -169,7 +157,9 @@ class TenantStore:
                     "command_id": command.command_id,
                     "expires_at": command.expires_at.isoformat(),
                 }
-                await self.redis.set(self._penalty(command.tenant), json.dumps(penalty), px=ttl_ms)
+                await self.redis.set(
+                    self.keys.penalty(command.tenant), json.dumps(penalty), px=ttl_ms
+                )
         elif isinstance(command, QuarantineCommand):
             ttl_ms = int((command.expires_at - now).total_seconds() * 1000)
             if ttl_ms > 0:
@@ -188,7 +178,7 @@ class TenantStore:
                     await self.redis.sadd(self.flow_index, f"{command.tenant}/{command.flow_id}")
         else:
             if command.releases in ("penalty", "all"):
-                await self.redis.delete(self._penalty(command.tenant))
+                await self.redis.delete(self.keys.penalty(command.tenant))
             if command.releases in ("quarantine", "all"):
                 await self.redis.delete(self.keys.quarantine(command.tenant, command.flow_id))
         return True
