@@ -15,6 +15,10 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
 from orchestrator.accounts import Management
 from orchestrator.config import Settings, load_settings
 from orchestrator.testing import process_env
@@ -221,9 +225,10 @@ def env_for(settings: Settings) -> dict[str, str]:
 
 
 def print_table(title: str, headers: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-    print(f"\n{title}")
-    print("  ".join(h.rjust(w) for h, w in zip(headers, widths, strict=True)))
-    print("  ".join("-" * w for w in widths))
+    """A table on stdout (rich), right-aligned figures, whole however wide."""
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
+    for header in headers:
+        table.add_column(header, justify="right")
     for row in rows:
-        print("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)))
+        table.add_row(*row)
+    Console(width=400).print(table)  # never wrapped: the output is read and diffed
