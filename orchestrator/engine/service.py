@@ -93,35 +93,23 @@ class Engine:
     async def run(self, stop: asyncio.Event) -> None:
         channel = await self.channel()
         await topology.apply(channel, role="engine")
-        consumers: list[Consumer[Any]] = [
-            Consumer(
+        inputs: list[tuple[str, Callable[[AbstractIncomingMessage], Any], Any]] = [
+            (
                 topology.EXECUTIONS_QUEUE,
-                lambda incoming: decode(incoming, ExecutionRequested),
+                lambda m: decode(m, ExecutionRequested),
                 self._on_execution,
-                stop=stop,
-                retry_limit_s=self.settings.outage_limit_s,
             ),
-            Consumer(
-                topology.RESULTS_QUEUE,
-                lambda incoming: decode(incoming, StepResult),
-                self._on_result,
-                stop=stop,
-                retry_limit_s=self.settings.outage_limit_s,
-            ),
-            Consumer(
+            (topology.RESULTS_QUEUE, lambda m: decode(m, StepResult), self._on_result),
+            (
                 topology.QUERIES_QUEUE,
-                lambda incoming: decode_any(incoming, (ExecutionQuery, ExecutionList)),
+                lambda m: decode_any(m, (ExecutionQuery, ExecutionList)),
                 self._on_query,
-                stop=stop,
-                retry_limit_s=self.settings.outage_limit_s,
             ),
-            Consumer(
-                topology.CANCELS_QUEUE,
-                lambda incoming: decode(incoming, ExecutionCancel),
-                self._on_cancel,
-                stop=stop,
-                retry_limit_s=self.settings.outage_limit_s,
-            ),
+            (topology.CANCELS_QUEUE, lambda m: decode(m, ExecutionCancel), self._on_cancel),
+        ]
+        consumers: list[Consumer[Any]] = [
+            Consumer(queue, decoder, handler, stop=stop, retry_limit_s=self.settings.outage_limit_s)
+            for queue, decoder, handler in inputs
         ]
         for consumer in consumers:
             await consumer.start(channel)
