@@ -44,8 +44,11 @@ def configure_logging(level: str = "INFO", fmt: str = "auto", file: Path | None 
     # unless asked, and on the same stream. During a broker outage their clients log every
     # failed attempt (aiokafka: thousands of lines a second); one line per kind of message
     # every RATE_LIMIT_S says the same, and our own `outage.started` says it once.
+    # Moving the output to a file replaces the handlers set up for stderr before.
     logging.basicConfig(
-        level=max(logging.getLevelName(level), logging.WARNING), stream=stream, force=True
+        level=max(logging.getLevelName(level), logging.WARNING),
+        stream=stream,
+        force=file is not None,
     )
     for handler in logging.getLogger().handlers:
         if not any(isinstance(f, Transient) for f in handler.filters):

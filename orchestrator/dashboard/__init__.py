@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -39,7 +40,7 @@ from orchestrator.accounts import user_of
 from orchestrator.client import OrchestratorClient, OrchestratorError
 from orchestrator.config import Settings
 from orchestrator.outage import sleep_unless
-from orchestrator.overview import gather
+from orchestrator.overview import Overview, gather
 from orchestrator.telemetry import get_logger
 
 log = get_logger(__name__)
@@ -65,6 +66,8 @@ class Dashboard:
         self.settings = settings
         self.redis = redis
         self.connection = connection
+        self._latest: tuple[float, Overview] | None = None
+        self._gathering = asyncio.Lock()
         self.client = OrchestratorClient(
             str(settings.rabbitmq_url),
             account_prefix=settings.account_prefix,
@@ -72,14 +75,23 @@ class Dashboard:
             timeout_s=ENGINE_TIMEOUT_S,
         )
 
+    async def current(self) -> Overview:
+        """The latest Overview, gathered at most once per INTERVAL_S however many pages
+        watch (each would otherwise ask Redis and the management API every second)."""
+        async with self._gathering:
+            now = time.monotonic()
+            if self._latest is None or now - self._latest[0] >= INTERVAL_S * 0.9:
+                self._latest = (now, await gather(self.settings, self.redis))
+            return self._latest[1]
+
     async def overview(self, _: Request) -> JSONResponse:
-        return JSONResponse((await gather(self.settings, self.redis)).to_dict())
+        return JSONResponse((await self.current()).to_dict())
 
     async def events(self, request: Request) -> EventSourceResponse:
         async def stream() -> AsyncIterator[dict[str, str]]:
             while not await request.is_disconnected():
                 try:
-                    data = json.dumps((await gather(self.settings, self.redis)).to_dict())
+                    data = json.dumps((await self.current()).to_dict())
                 except Exception as exc:  # a broker away: say so, keep the stream
                     data = json.dumps({"error": repr(exc)})
                     yield {"event": "error", "data": data}
@@ -116,7 +128,7 @@ class Dashboard:
         )
 
     async def dlqs(self, _: Request) -> JSONResponse:
-        overview = await gather(self.settings, self.redis)
+        overview = await self.current()
         queues = []
         for name, depth in overview.dlqs.items():
             reasons: Counter[str] = Counter()

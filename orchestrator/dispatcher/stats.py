@@ -49,10 +49,14 @@ class RecentService:
         return state
 
     def served(self, tenant: str, cost: float, now: float) -> None:
-        self._tenant(tenant).served.append((now, cost))
+        served = self._tenant(tenant).served
+        served.append((now, cost))
+        _trim(served, now - self.window_s)  # bounded even if nobody asks for a summary
 
     def dispatched(self, tenant: str, dwell_s: float, now: float) -> None:
-        self._tenant(tenant).dwell.append((now, dwell_s))
+        dwell = self._tenant(tenant).dwell
+        dwell.append((now, dwell_s))
+        _trim(dwell, now - self.window_s)
 
     def summary(self, now: float) -> dict[str, dict[str, Any]]:
         """Per tenant with anything in the window: cost served, steps completed, its share of

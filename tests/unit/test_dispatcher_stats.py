@@ -41,3 +41,14 @@ def test_dwell_percentiles_are_of_the_steps_dispatched_in_the_window() -> None:
     assert row["dwell_p99_ms"] == pytest.approx(99.0, abs=1)
     assert row["cost_s"] == 0
     assert row["share"] == 0.0
+
+
+def test_memory_stays_bounded_when_nobody_asks_for_a_summary() -> None:
+    """A standby dispatcher publishes no summary: its window must not grow for ever."""
+    recent = RecentService(window_s=10)
+    for i in range(10_000):
+        recent.served("a", 1.0, now=i * 0.1)
+        recent.dispatched("a", 0.01, now=i * 0.1)
+    state = recent._tenants["a"]
+    assert len(state.served) <= 101
+    assert len(state.dwell) <= 101
