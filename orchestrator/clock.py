@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
@@ -10,12 +11,19 @@ from typing import Protocol
 class Clock(Protocol):
     def now(self) -> datetime: ...
 
+    def monotonic(self) -> float:
+        """Seconds on a clock that never goes back (intervals, leases, rates)."""
+        ...
+
     async def sleep(self, seconds: float) -> None: ...
 
 
 class SystemClock:
     def now(self) -> datetime:
         return datetime.now(UTC)
+
+    def monotonic(self) -> float:
+        return time.monotonic()
 
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(max(0.0, seconds))
@@ -26,13 +34,18 @@ class ManualClock:
 
     def __init__(self, start: datetime) -> None:
         self._now = start
+        self._elapsed = 0.0
         self._changed = asyncio.Event()
 
     def now(self) -> datetime:
         return self._now
 
+    def monotonic(self) -> float:
+        return self._elapsed
+
     def advance(self, seconds: float) -> None:
         self._now += timedelta(seconds=seconds)
+        self._elapsed += seconds
         self._changed.set()
 
     def set(self, when: datetime) -> None:

@@ -9,11 +9,23 @@ every second (`orchestrator.store.Keys.dispatcher_stats`).
 
 from __future__ import annotations
 
+import asyncio
+import json
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import redis.asyncio as aioredis
+
+from orchestrator.outage import sleep_unless
+from orchestrator.telemetry import get_logger
+
+log = get_logger(__name__)
+
 WINDOW_S = 60.0
+PUBLISH_S = 1.0  # the leader's last-minute summary, to Redis this often
+PUBLISH_TTL_S = 10.0  # and gone this long after its leader
 
 
 @dataclass
@@ -83,3 +95,21 @@ class RecentService:
         for row in out.values():
             row["share"] = row["cost_s"] / total if total > 0 else 0.0
         return out
+
+
+async def publish_stats(
+    redis: aioredis.Redis,
+    key: str,
+    summary: Callable[[], dict[str, Any] | None],
+    stop: asyncio.Event,
+) -> None:
+    """Writes `summary()` (None: nothing to say) to `key` every PUBLISH_S until `stop`,
+    expiring, so a dead leader's figures vanish. Best effort: the live views do without."""
+    while not await sleep_unless(stop, PUBLISH_S):
+        stats = summary()
+        if stats is None:
+            continue
+        try:
+            await redis.set(key, json.dumps(stats), px=int(PUBLISH_TTL_S * 1000))
+        except (OSError, aioredis.RedisError) as exc:
+            log.debug("dispatcher.stats_failed", error=repr(exc))

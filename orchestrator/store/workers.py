@@ -62,3 +62,12 @@ async def live_workers(redis: aioredis.Redis, keys: Keys) -> list[WorkerEntry]:
         except ValidationError:
             continue
     return entries
+
+
+def capacity(workers: list[WorkerEntry]) -> tuple[int, int, int]:
+    """The live workers' slots, step threads and CPUs, summed (what the dispatcher sizes by)."""
+    return (
+        sum(entry.concurrency for entry in workers),
+        sum(entry.step_threads for entry in workers),
+        sum(entry.cpus for entry in workers),
+    )
