@@ -42,7 +42,8 @@ from orchestrator.flowfiles import FlowFileError, load_flow_files
 from orchestrator.health import check_all
 from orchestrator.operator import Operator
 from orchestrator.runtime import Body
-from orchestrator.scheduler.service import Scheduler, execution_id_for, request_fire_id
+from orchestrator.scheduler.admitting import execution_id_for, request_fire_id
+from orchestrator.scheduler.service import Scheduler
 from orchestrator.telemetry import configure_logging
 from orchestrator.violations.policy import PolicyError, load_policy
 from orchestrator.violations.service import ViolationsConsumer

@@ -17,6 +17,7 @@ Six-field expressions carry seconds as the last field (croniter's convention).
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
@@ -139,3 +140,29 @@ class CronSchedule:
             out.append(nxt)
             cursor = nxt
         return out
+
+
+def jitter_ms(seed: str, nominal_ms: int, jitter_s: float) -> int:
+    """Deterministic jitter: every replica computes the same fire-at for the same tick of the
+    same flow (`seed` names the flow)."""
+    if jitter_s <= 0:
+        return 0
+    digest = hashlib.sha256(f"{seed}@{nominal_ms}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % (int(jitter_s * 1000) + 1)
+
+
+def fire_at_ms(seed: str, nominal: datetime, jitter_s: float) -> tuple[int, int]:
+    """(fire-at, nominal) in epoch ms: when the tick `nominal` of flow `seed` fires."""
+    nominal_ms = round(nominal.timestamp() * 1000)
+    return nominal_ms + jitter_ms(seed, nominal_ms, jitter_s), nominal_ms
+
+
+def next_due(
+    seed: str, cron: str | None, timezone: str, jitter_s: float, after: datetime
+) -> tuple[int, int] | None:
+    """(fire-at, nominal) ms of a flow's next tick after `after`; None without one (no cron,
+    or a schedule that never fires again)."""
+    if cron is None:
+        return None
+    nominal = CronSchedule(cron, timezone).next_after(after)
+    return None if nominal is None else fire_at_ms(seed, nominal, jitter_s)

@@ -8,18 +8,46 @@ against real brokers as much as for this project's suites and benches.
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import os
 import subprocess
 import sys
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
 from orchestrator.config import Settings
 from schemas import UsageEvent
+
+T = TypeVar("T")
+
+
+async def wait_until(
+    check: Callable[[], Awaitable[T] | T],
+    *,
+    timeout_s: float = 30.0,
+    every_s: float = 0.05,
+    what: str = "the condition",
+) -> T:
+    """Asks `check` (plain or async) every `every_s` until it answers something true, and
+    returns that answer: tests wait for a condition, not for a time that usually suffices.
+    TimeoutError, naming `what` and the last answer, if it does not hold within `timeout_s`."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        answer = check()
+        if inspect.isawaitable(answer):
+            answer = await answer
+        if answer:
+            return answer
+        if loop.time() >= deadline:
+            raise TimeoutError(f"{what} did not hold within {timeout_s} s (last: {answer!r})")
+        await asyncio.sleep(every_s)
 
 
 def process_env(settings: Settings, **extra: str) -> dict[str, str]:

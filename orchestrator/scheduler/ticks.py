@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from orchestrator.scheduler.cron import CronSchedule
+from orchestrator.cron import CronSchedule
 from schemas import CatchUpPolicy
 
 # Enumerating missed ticks is bounded: after a day down, a per-second flow has 86 400 of them.

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
@@ -10,8 +9,7 @@ from typing import Literal
 import redis.asyncio as aioredis
 from redis.exceptions import WatchError
 
-from orchestrator.clock import to_ms
-from orchestrator.scheduler.cron import CronSchedule
+from orchestrator.cron import next_due
 from orchestrator.store import Keys, member
 from orchestrator.store.batch import Batcher
 from schemas import FlowDefinition
@@ -24,26 +22,6 @@ class Applied:
     tenant: str
     flow_id: str
     outcome: ApplyOutcome
-
-
-def jitter_ms(flow_member: str, nominal_ms: int, jitter_s: float) -> int:
-    """Deterministic jitter: every replica computes the same fire-at for the same tick."""
-    if jitter_s <= 0:
-        return 0
-    digest = hashlib.sha256(f"{flow_member}@{nominal_ms}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") % (int(jitter_s * 1000) + 1)
-
-
-def next_due(definition: FlowDefinition, after: datetime) -> tuple[int, int] | None:
-    """(fire-at ms, nominal ms) of the flow's next tick after `after`, or None (no cron)."""
-    if definition.cron is None:
-        return None
-    nominal = CronSchedule(definition.cron, definition.timezone).next_after(after)
-    if nominal is None:
-        return None
-    nominal_ms = to_ms(nominal)
-    key = member(definition.tenant, definition.id)
-    return nominal_ms + jitter_ms(key, nominal_ms, definition.jitter_s), nominal_ms
 
 
 PARSED_CACHE = 1024  # flow definitions kept parsed, by their stored JSON
@@ -108,7 +86,7 @@ class FlowRegistry:
     def _schedule(
         self, pipe: aioredis.client.Pipeline, definition: FlowDefinition, key: str, now: datetime
     ) -> None:
-        due = next_due(definition, now)
+        due = next_due(key, definition.cron, definition.timezone, definition.jitter_s, now)
         if due is None:
             pipe.zrem(self.keys.due, key)
             pipe.hdel(self.keys.nominal, key)

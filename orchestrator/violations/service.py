@@ -33,7 +33,7 @@ from pydantic import ValidationError
 from orchestrator import kafka
 from orchestrator.amqp import connect, open_channel, publish
 from orchestrator.config import Settings
-from orchestrator.scheduler.cron import CronSchedule
+from orchestrator.cron import CronSchedule
 from orchestrator.store import Keys
 from orchestrator.store.flows import FlowRegistry
 from orchestrator.store.tenants import TenantStore

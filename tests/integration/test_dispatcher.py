@@ -20,8 +20,9 @@ from orchestrator import store, topology
 from orchestrator.amqp import publish
 from orchestrator.config import Settings
 from orchestrator.dispatcher.service import Dispatcher
+from orchestrator.store import Keys
 from orchestrator.store.tenants import TenantStore
-from orchestrator.testing import spawn, stop_all
+from orchestrator.testing import spawn, stop_all, wait_until
 from schemas import QuarantineCommand, ReleaseCommand, StepTask
 from tests.integration.helpers import (
     body,
@@ -264,11 +265,12 @@ async def test_killed_active_dispatcher_loses_nothing(
     dispatchers = [spawn(test_settings, "dispatcher") for _ in range(2)]
     worker = spawn(test_settings, "worker", "--concurrency", "4")
     try:
-        await asyncio.sleep(2.5)
+        lease = Keys(test_settings.redis_prefix).dispatcher_lease
+        leader = str(await wait_until(lambda: redis.get(lease), what="a dispatcher leads"))
         for tenant in tenants:
             await rig.enqueue(tenant, 100, ms=10)
-        await asyncio.sleep(1.0)
-        leader = str(await redis.get(f"{test_settings.redis_prefix}dispatcher:leader"))
+        # Killed mid-work: once it has released some of the 300 steps, not all.
+        await wait_until(lambda: _released(redis, test_settings), what="steps released")
         victim = next(d for d in dispatchers if f":{d.pid}:" in leader)
         victim.send_signal(signal.SIGKILL)
         victim.wait(timeout=10)
@@ -290,6 +292,13 @@ async def test_killed_active_dispatcher_loses_nothing(
         async for key in redis.scan_iter(match=f"{test_settings.redis_prefix}*"):
             await redis.delete(key)
         await redis.aclose()
+
+
+async def _released(redis: Any, settings: Settings) -> bool:
+    """Some steps were released: their dispatched markers are written."""
+    async for _ in redis.scan_iter(match=Keys(settings.redis_prefix).dispatched("*")):
+        return True
+    return False
 
 
 def _free_port() -> int:

@@ -48,7 +48,7 @@ class Rig:
 
     async def at(self, when: datetime) -> int:
         self.clock.set(when)
-        return await self.scheduler.process_due_once()
+        return await self.scheduler.cron.process_due_once()
 
     async def close(self) -> None:
         async for key in self.redis.scan_iter(match=f"{self.settings.redis_prefix}*"):
@@ -158,10 +158,10 @@ async def test_buffer_one_keeps_one_waiting(rig: Rig, channel: AbstractChannel) 
     published = await drain(executions)
     assert len(published) == 1
     flow = store.member("acme", "sync")
-    await rig.scheduler.promote_buffered()
+    await rig.scheduler.cron.promote_buffered()
     assert await drain(executions) == []  # the first one still runs
     assert await rig.admission.release_running(flow, body(published[0])["execution_id"])
-    await rig.scheduler.promote_buffered()
+    await rig.scheduler.cron.promote_buffered()
     waiting = await drain(executions)
     assert [body(m)["nominal_time"] for m in waiting] == ["2026-05-01T12:02:00Z"]
     assert await rig.admission.running(flow) == body(waiting[0])["execution_id"]

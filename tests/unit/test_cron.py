@@ -11,7 +11,7 @@ from cronsim import CronSim
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from orchestrator.scheduler.cron import CronSchedule
+from orchestrator.cron import CronSchedule
 
 
 def _fires(expression: str, tz: str, start: datetime, count: int) -> list[datetime]:

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from orchestrator import amqp, dlq
 from orchestrator.dlq_cli import _destination
 from orchestrator.engine.machine import Execution, Timer, Transition, new_execution
-from orchestrator.scheduler.service import cron_fire_id, execution_id_for, iso_ms
+from orchestrator.scheduler.admitting import cron_fire_id, execution_id_for, iso_ms
 from orchestrator.violations import policy
 from schemas import FlowDefinition, StatusEvent, StepResult
 from schemas.status import STATES
@@ -385,7 +385,7 @@ def test_flow_start_accepted(data: dict[str, Any]) -> None:
 
 
 def test_flow_start_refused_by_policy() -> None:
-    """orchestrator.scheduler.service.Scheduler._refuse"""
+    """orchestrator.scheduler.ingress.Ingress._refuse"""
     data: dict[str, Any] = {
         "reason": "rate_limited",
         "detail": "more than 10 flow starts at once or 5/s for tenant 'acme'",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from orchestrator.scheduler.cron import CronSchedule
+from orchestrator.cron import CronSchedule
 from orchestrator.scheduler.ticks import MAX_ENUMERATED_TICKS, plan_ticks
 from schemas import CatchUpPolicy
 
