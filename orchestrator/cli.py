@@ -8,7 +8,7 @@ import importlib
 import json
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -30,12 +30,13 @@ from orchestrator import (
     top,
     topology,
 )
-from orchestrator.accounts import ManagementError, Role, tenant_of_user, user_of
+from orchestrator.accounts import ManagementError, tenant_of_user, user_of
 from orchestrator.amqp import connect, open_channel, publish
 from orchestrator.cliutil import ExitCode, console, err_console, fail, settings_or_exit
 from orchestrator.clock import from_ms
 from orchestrator.config import Settings
 from orchestrator.dashboard import serve_dashboard
+from orchestrator.devmode import DevMode
 from orchestrator.dispatcher.service import Dispatcher
 from orchestrator.engine.service import Engine
 from orchestrator.flowfiles import FlowFileError, load_flow_files
@@ -140,60 +141,20 @@ def up(  # noqa: PLR0917 - typer options
         flows = asyncio.run(_demo_prepare(settings))
         console.print(f"demo: {', '.join(flows)} applied; weights {demo.WEIGHTS}")
 
-    async def everything(
-        redis: aioredis.Redis, connection: AbstractRobustConnection, stop: asyncio.Event
-    ) -> None:
-        # Each service on its own connection with its own account, as in production: dev
-        # exercises the production permissions.
-        roles: list[Role] = ["scheduler", "engine", "dispatcher", "worker", "violations"]
-        connections: dict[str, AbstractRobustConnection] = {}
-        try:
-            for role in roles:
-                env = accounts_cli.service_env(accounts_dir, role)
-                role_settings = settings.model_copy(
-                    update={"rabbitmq_url": env.get("ORCH_RABBITMQ_URL", settings.rabbitmq_url)}
-                )
-                connections[role] = await connect(role_settings, f"orchestrator-up-{role}")
-            extras = []
-            if dashboard_port:
-                extras.append(
-                    serve_dashboard(settings, redis, connection, stop, port=dashboard_port)
-                )
-            if demo_mode:
-                user = user_of(str(settings.rabbitmq_url))
-                extras.append(demo.LoadDriver(connection, flows, user_id=user).run(stop))
-                extras.append(top.run(settings, stop=stop))
-            async with Worker(
-                settings, connections["worker"], redis, concurrency=concurrency
-            ) as worker:
-                await asyncio.gather(
-                    Scheduler(settings, redis, connections["scheduler"]).run(stop),
-                    Engine(settings, redis, connections["engine"]).run(stop),
-                    Dispatcher(settings, redis, connections["dispatcher"]).run(stop),
-                    worker.run(stop),
-                    *(
-                        [ViolationsConsumer(settings, redis, connections["violations"]).run(stop)]
-                        if policy_file is not None
-                        else []
-                    ),
-                    *extras,
-                )
-        finally:
-            for opened in connections.values():
-                with contextlib.suppress(Exception):
-                    await opened.close()
-
-    running = "scheduler, engine, dispatcher, worker" + (
-        ", violations consumer" if policy_file is not None else ""
+    dev = DevMode(
+        settings,
+        accounts_dir,
+        concurrency=concurrency,
+        violations=policy_file is not None,
+        dashboard_port=dashboard_port,
+        demo_flows=flows,
     )
-    if dashboard_port:
-        running += f", dashboard at http://127.0.0.1:{dashboard_port}/"
-    console.print(f"{running} running; Ctrl-C stops them")
+    console.print(f"{dev.describe()} running; Ctrl-C stops them")
     if demo_mode:
         log_file.parent.mkdir(parents=True, exist_ok=True)
         console.print(f"logs in {log_file}; the live view follows")
         configure_logging(settings.log_level, "json", file=log_file)
-    serve(settings, "up", everything, critical=runtime.WITHOUT_KAFKA)
+    serve(settings, "up", dev.run, critical=runtime.WITHOUT_KAFKA)
 
 
 def _prepare_up(policy_file: Path | None, accounts_dir: Path) -> Settings:
@@ -679,9 +640,7 @@ def flows_trigger(
             if wait:  # subscribed before the request goes out: no event can be missed
                 owner = tenant_of_user(user, settings.account_prefix)
                 patterns = [f"{tenant}.{flow_id}.#", f"{tenant}._.flow_start.rejected"]
-                events = status_cli.follow(connection, patterns, owner)
-                first = asyncio.ensure_future(anext(events))
-                await asyncio.sleep(0.2)  # the subscription is bound
+                events = await status_cli.follow(connection, patterns, owner)
             # Signed with this account (RabbitMQ checks user_id): an operator account may
             # start any tenant's flows, a tenant account its own.
             try:
@@ -697,7 +656,7 @@ def flows_trigger(
             )
             if events is None:
                 return ExitCode.OK
-            return await _until_ended(first, events, execution_id, request.message_id(), json_lines)
+            return await _until_ended(events, execution_id, request.message_id(), json_lines)
 
     try:
         code = asyncio.run(asyncio.wait_for(send(), timeout if wait else None))
@@ -711,15 +670,13 @@ def flows_trigger(
 
 
 async def _until_ended(
-    first: asyncio.Future[dict[str, Any]],
-    events: Any,
+    events: AsyncIterator[dict[str, Any]],
     execution_id: str,
     message_id: str,
     json_lines: bool,
 ) -> int:
     """Prints the execution's events; its exit code once it ends (or the request is refused)."""
-    event = await first
-    while True:
+    async for event in events:
         data = event.get("data") or {}
         kind = str(event.get("type", "")).removeprefix("io.orchestrator.")
         mine = event.get("subject") == execution_id or data.get("execution_id") == execution_id
@@ -730,7 +687,7 @@ async def _until_ended(
             return ExitCode.FAILURE
         if mine and kind in status_cli.TERMINAL:
             return status_cli.TERMINAL[kind]
-        event = await anext(events)
+    return ExitCode.FAILURE  # the subscription ended (the broker went away)
 
 
 def main() -> None:

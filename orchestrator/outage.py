@@ -19,7 +19,9 @@ import aio_pika.exceptions
 import aiormq.exceptions
 import redis.exceptions
 from prometheus_client import Counter, Gauge
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_exponential
 
+from orchestrator.clock import Clock
 from orchestrator.telemetry import get_logger
 
 log = get_logger(__name__)
@@ -134,12 +136,45 @@ class Outages:
 OUTAGES = Outages()
 
 
-async def sleep_unless(stop: asyncio.Event, seconds: float) -> bool:
-    """Sleeps `seconds` or until `stop` is set; True when stopped. The one such idiom."""
+async def sleep_unless(stop: asyncio.Event, seconds: float, clock: Clock | None = None) -> bool:
+    """Sleeps `seconds` (on `clock`, when given: a test's ManualClock) or until `stop` is
+    set; True when stopped. The one such idiom."""
     if stop.is_set():
         return True
+    if clock is not None:
+        sleeper = asyncio.ensure_future(clock.sleep(seconds))
+        stopper = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({sleeper, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        for future in (sleeper, stopper):
+            future.cancel()
+        return stop.is_set()
     try:
         await asyncio.wait_for(stop.wait(), seconds)
     except TimeoutError:
         return False
     return True
+
+
+def retrying(
+    stop: asyncio.Event,
+    *,
+    first_s: float,
+    max_s: float,
+    retry_on: Callable[[BaseException], bool] = lambda _: True,
+    before_sleep: Callable[[RetryCallState], None] | None = None,
+) -> AsyncRetrying:
+    """Tries until it works (`async for attempt in retrying(...): with attempt: ...`):
+    waits `first_s`, doubling up to `max_s`, between tries; an error `retry_on` refuses is
+    raised at once, and once `stop` is set the last error is raised (tenacity)."""
+
+    async def pause(seconds: float) -> None:
+        await sleep_unless(stop, seconds)
+
+    return AsyncRetrying(
+        retry=retry_if_exception(retry_on),
+        wait=wait_exponential(multiplier=first_s, max=max_s),
+        stop=lambda _: stop.is_set(),
+        sleep=pause,
+        before_sleep=before_sleep,
+        reraise=True,
+    )

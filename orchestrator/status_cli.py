@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import typer
-from aio_pika.abc import AbstractRobustConnection
+from aio_pika.abc import AbstractQueue, AbstractRobustConnection
 
 from orchestrator import topology
 from orchestrator.accounts import status_queue_name, tenant_of_user, user_of
@@ -33,13 +33,18 @@ TIMEOUT_EXIT = 124  # as timeout(1)
 async def follow(
     connection: AbstractRobustConnection, patterns: list[str], owner: str | None
 ) -> AsyncIterator[dict[str, Any]]:
-    """Status events matching any of `patterns` from now on, through a queue of our own
-    (named as a tenant account may name it: status.<tenant>.<id>)."""
+    """Status events matching any of `patterns`, through a queue of our own (named as a
+    tenant account may name it: status.<tenant>.<id>), bound when this returns: no event
+    published after that can be missed."""
     channel = await open_channel(connection, prefetch=500)
     name = status_queue_name(owner, f"cli-{uuid.uuid4().hex[:12]}") if owner else ""
     queue = await channel.declare_queue(name, exclusive=True, auto_delete=True)
     for pattern in patterns:
         await queue.bind(topology.STATUS, routing_key=pattern)
+    return _events(queue)
+
+
+async def _events(queue: AbstractQueue) -> AsyncIterator[dict[str, Any]]:
     async with queue.iterator() as messages:
         async for message in messages:
             async with message.process():
@@ -97,7 +102,7 @@ def status_tail(
         connection = await connect(settings, "orchestrator-status-tail")
         async with connection:
             seen = 0
-            async for event in follow(connection, [pattern], owner):
+            async for event in await follow(connection, [pattern], owner):
                 show(event, json_lines)
                 seen += 1
                 if count is not None and seen >= count:

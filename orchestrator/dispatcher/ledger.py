@@ -11,14 +11,13 @@ tested with a `ManualClock` (tests/unit/test_dispatcher_ledger.py).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, Protocol
 
 from orchestrator.clock import Clock
 from orchestrator.dispatcher.fairness import FairQueue, Item, step_cost
-from orchestrator.store.tenants import TenantPolicy
 from schemas import StepTask
 
 EWMA_ALPHA = 0.2
@@ -30,6 +29,24 @@ IN_FLIGHT_GRACE = timedelta(seconds=30)
 # Attempt ids this process released, remembered as long as the Redis markers and bounded.
 RELEASED_MEMORY_S = 600
 RELEASED_MEMORY = 100_000
+
+
+class TenantPolicy(Protocol):
+    """What the ledger applies to a tenant (orchestrator.store.tenants.TenantPolicy reads it
+    from Redis)."""
+
+    @property
+    def weight(self) -> float: ...
+    @property
+    def factor(self) -> float: ...  # the penalty's weight factor
+    @property
+    def concurrency_cap(self) -> int | None: ...
+    @property
+    def rate_per_s(self) -> float | None: ...
+    @property
+    def quarantined(self) -> bool: ...
+    @property
+    def quarantined_flows(self) -> frozenset[str]: ...
 
 
 @dataclass(slots=True)
@@ -90,7 +107,7 @@ class Ledger:
         self.released: dict[str, float] = {}  # attempt id -> released at, in release order
 
     # ---------------------------------------------------------------- what it is told
-    def set_policies(self, policies: dict[str, TenantPolicy], *, every: bool = False) -> None:
+    def set_policies(self, policies: Mapping[str, TenantPolicy], *, every: bool = False) -> None:
         """Policies as read from the store: of some tenants, or of `every` tenant there is."""
         if every:
             self.policies = {}

@@ -22,6 +22,7 @@ from orchestrator.consumer import Consumer
 from orchestrator.engine.machine import Effects, Execution, Timer, Transition, new_execution
 from orchestrator.engine.store import Attempt, BreakerPolicy, ExecutionStore, Gate, OutboxEntry
 from orchestrator.engine.views import execution_page, execution_view
+from orchestrator.outage import sleep_unless
 from orchestrator.store import Keys
 from orchestrator.store.admission import AdmissionStore
 from orchestrator.store.flows import FlowRegistry
@@ -403,7 +404,7 @@ class Engine:
                 log.warning("engine.timers_failed", error=repr(exc))
                 next_ms = None
             wait_s = MAX_IDLE_S if next_ms is None else (next_ms - to_ms(self.clock.now())) / 1000
-            await _sleep_or_stop(self.clock, min(max(wait_s, 0.0), MAX_IDLE_S), stop)
+            await sleep_unless(stop, min(max(wait_s, 0.0), MAX_IDLE_S), self.clock)
 
     async def _guarded_timer(self, member: str) -> None:
         try:
@@ -420,12 +421,12 @@ class Engine:
                     await self.admission.extend_running(flow, execution_id, self.lease_ms)
             except (OSError, aioredis.RedisError) as exc:
                 log.warning("engine.heartbeat_failed", error=repr(exc))
-            await _sleep_or_stop(self.clock, interval, stop)
+            await sleep_unless(stop, interval, self.clock)
 
     async def _sweep_loop(self, stop: asyncio.Event) -> None:
         """Flushes outboxes a crashed engine left behind where no redelivery will come."""
         while not stop.is_set():
-            await _sleep_or_stop(self.clock, OUTBOX_SWEEP_S, stop)
+            await sleep_unless(stop, OUTBOX_SWEEP_S, self.clock)
             try:
                 for execution_id in await self.store.pending_outboxes():
                     await self.store.flush(execution_id, self._send)
@@ -436,7 +437,7 @@ class Engine:
         """Adds what this engine's executions reached to the per-second counts every engine
         shares in Redis (the live views' executions per second)."""
         while not stop.is_set():
-            await _sleep_or_stop(self.clock, COUNT_S, stop)
+            await sleep_unless(stop, COUNT_S, self.clock)
             reached, self._reached = self._reached, collections.Counter()
             if not reached:
                 continue
@@ -452,11 +453,3 @@ class Engine:
 
     async def execution(self, execution_id: str) -> Execution | None:
         return await self.store.load(execution_id)
-
-
-async def _sleep_or_stop(clock: Clock, seconds: float, stop: asyncio.Event) -> None:
-    sleeper = asyncio.ensure_future(clock.sleep(seconds))
-    stopper = asyncio.ensure_future(stop.wait())
-    await asyncio.wait({sleeper, stopper}, return_when=asyncio.FIRST_COMPLETED)
-    for future in (sleeper, stopper):
-        future.cancel()

@@ -14,12 +14,13 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from prometheus_client import Counter, Histogram
+from tenacity import RetryCallState
 
 from orchestrator import tracing
 from orchestrator.amqp import publish
 from orchestrator.clock import from_ms, to_ms
 from orchestrator.cron import CronSchedule, fire_at_ms
-from orchestrator.outage import OUTAGES, dependency_of, sleep_unless
+from orchestrator.outage import OUTAGES, dependency_of, retrying, sleep_unless
 from orchestrator.scheduler.admitting import Admitting, cron_fire_id, execution_id_for, iso_ms
 from orchestrator.scheduler.ticks import plan_ticks
 from orchestrator.store.admission import Admission, Claim
@@ -60,37 +61,48 @@ class CronFiring:
         self._definitions: dict[str, FlowDefinition] = {}
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Rounds until stopped. A Redis or RabbitMQ outage costs rounds, never the loop: it
-        waits with capped backoff and carries on where the due index says (claims that a
-        failed round held lapse, so another replica or the next round fires those ticks)."""
-        delay = RETRY_DELAY_S
+        """Rounds until stopped."""
         while not stop.is_set():
             try:
-                processed = await self.process_due_once()
-                await self.promote_buffered()
-                if not processed:
-                    next_ms = await self.ctx.admission.next_due_ms()
+                processed, next_ms = await self._round(stop)
             except Exception as exc:
-                dependency = dependency_of(exc)
-                if dependency is None:
+                if dependency_of(exc) is None:
                     raise  # a bug: end the process, a supervisor restarts it clean
-                OUTAGES.failed(dependency, exc)
-                await sleep_unless(stop, delay)
-                delay = min(delay * 2, MAX_RETRY_DELAY_S)
-                continue
-            if delay != RETRY_DELAY_S:
-                OUTAGES.recovered_all()
-                delay = RETRY_DELAY_S
+                return  # stopped while a broker was away
             if processed:
                 continue
             now_ms = to_ms(self.ctx.clock.now())
             wait_s = MAX_IDLE_S if next_ms is None else (next_ms - LOOKAHEAD_MS - now_ms) / 1000
             wait_s = min(max(wait_s, 0.0), MAX_IDLE_S)
-            sleeper = asyncio.ensure_future(self.ctx.clock.sleep(wait_s))
-            stopper = asyncio.ensure_future(stop.wait())
-            await asyncio.wait({sleeper, stopper}, return_when=asyncio.FIRST_COMPLETED)
-            for future in (sleeper, stopper):
-                future.cancel()
+            await sleep_unless(stop, wait_s, self.ctx.clock)
+
+    async def _round(self, stop: asyncio.Event) -> tuple[int, int | None]:
+        """One round: (due entries claimed, the next due time when none were). A Redis or
+        RabbitMQ outage costs rounds, never the loop: retried with capped backoff, it carries
+        on where the due index says (claims that a failed round held lapse, so another
+        replica or the next round fires those ticks)."""
+
+        def failed(state: RetryCallState) -> None:
+            error = state.outcome.exception() if state.outcome else None
+            if error is not None:
+                OUTAGES.failed(dependency_of(error) or "unknown", error)
+
+        tries, processed, next_ms = 0, 0, None
+        async for attempt in retrying(
+            stop,
+            first_s=RETRY_DELAY_S,
+            max_s=MAX_RETRY_DELAY_S,
+            retry_on=lambda error: dependency_of(error) is not None,
+            before_sleep=failed,
+        ):
+            with attempt:
+                tries += 1
+                processed = await self.process_due_once()
+                await self.promote_buffered()
+                next_ms = None if processed else await self.ctx.admission.next_due_ms()
+        if tries > 1:
+            OUTAGES.recovered_all()
+        return processed, next_ms
 
     async def process_due_once(self) -> int:
         """Handles every tick due now; returns how many due entries this replica claimed.

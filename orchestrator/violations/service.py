@@ -29,11 +29,13 @@ import redis.asyncio as aioredis
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 from prometheus_client import Counter, Gauge, Histogram
 from pydantic import ValidationError
+from tenacity import RetryCallState
 
 from orchestrator import kafka
 from orchestrator.amqp import connect, open_channel, publish
 from orchestrator.config import Settings
 from orchestrator.cron import CronSchedule
+from orchestrator.outage import retrying
 from orchestrator.store import Keys
 from orchestrator.store.flows import FlowRegistry
 from orchestrator.store.tenants import TenantStore
@@ -46,6 +48,7 @@ log = get_logger(__name__)
 
 STATES = {"warn": "warned", "penalty": "penalized", "quarantine": "quarantined"}
 INTERVALS_REFRESH_S = 30.0
+RETRY_FIRST_S = 0.1
 RETRY_MAX_S = 5.0
 BATCH_MAX = 2_000
 BATCH_WITHIN_S = 0.05
@@ -378,18 +381,17 @@ class ViolationsConsumer:
     async def _retry(self, what: str, action: Any) -> None:
         """Keeps trying: an event the agent gives up on would be skipped (faust commits past
         a crashed agent's event), so the stream waits for the broker instead."""
-        delay = 0.1
-        while True:
-            try:
+
+        def say(state: RetryCallState) -> None:
+            error = state.outcome.exception() if state.outcome else None
+            wait_s = state.next_action.sleep if state.next_action else None
+            log.warning("violations.retrying", what=what, error=str(error), in_s=wait_s)
+
+        async for attempt in retrying(
+            self._stop, first_s=RETRY_FIRST_S, max_s=RETRY_MAX_S, before_sleep=say
+        ):
+            with attempt:
                 await action()
-            except Exception as exc:  # any failure: wait and retry
-                if self._stop.is_set():
-                    raise
-                log.warning("violations.retrying", what=what, error=str(exc), in_s=delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, RETRY_MAX_S)
-            else:
-                return
 
     # ------------------------------------------------------------------ policy and flows
     def _stamp(self) -> float:

@@ -89,9 +89,12 @@ async def test_trigger_wait_exits_1_when_the_request_is_refused(system: System) 
 
 
 async def test_trigger_wait_exits_124_on_timeout(system: System) -> None:
-    slow = await run(system.settings, "flows", "trigger", "acme/ok", "--wait", "--timeout", "0.1")
+    # A step that outlasts the timeout many times over (acme's ingress exists already).
+    steps = [{"id": "a", "type": "demo.sleep", "input": {"ms": 20_000}, "timeout_s": 60}]
+    await system.apply({"tenant": "acme", "id": "slow", "steps": steps})
+    slow = await run(system.settings, "flows", "trigger", "acme/slow", "--wait", "--timeout", "1")
     assert slow.returncode == 124, (slow.stdout, slow.stderr)
-    assert "did not end in 0.1 s" in slow.stderr
+    assert "did not end in 1 s" in slow.stderr
 
 
 async def test_status_tail_prints_count_events_as_json_lines(system: System) -> None:
