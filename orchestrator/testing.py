@@ -22,6 +22,8 @@ from typing import Any, TypeVar, overload
 import aiormq
 import yaml
 from aio_pika.abc import AbstractConnection
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 
 from orchestrator import store, topology
 from orchestrator.config import Settings
@@ -130,6 +132,35 @@ async def wait_for_pipeline(
         *(topology.ingress_queue_name(tenant) for tenant in tenants),
         timeout_s=timeout_s,
     )
+
+
+async def wait_for_violations(settings: Settings, timeout_s: float = 60.0) -> None:
+    """Until a violations consumer runs on the usage topic of `settings`: it created the topic,
+    joined its group and started its tick timer (the group leader's ticks, every
+    ORCH_VIOLATIONS_TICK_S, are records of the topic: its end offsets grow)."""
+    topic = settings.usage_topic
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_servers)
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_servers)
+    await admin.start()
+    await consumer.start()
+    records = 0
+
+    async def ticking() -> bool:
+        nonlocal records
+        (described,) = await admin.describe_topics([topic])
+        if described["error_code"] or not described["partitions"]:
+            return False  # not created yet
+        partitions = [TopicPartition(topic, p["partition"]) for p in described["partitions"]]
+        seen, records = records, sum((await consumer.end_offsets(partitions)).values())
+        return 0 < seen < records  # records arriving, not a topic somebody wrote to once
+
+    try:
+        await wait_until(
+            ticking, timeout_s=timeout_s, every_s=0.25, what="the violations consumer ticking"
+        )
+    finally:
+        await consumer.stop()
+        await admin.close()
 
 
 def process_env(settings: Settings, **extra: str) -> dict[str, str]:
