@@ -15,7 +15,7 @@ from orchestrator import store, topology
 from orchestrator.config import Settings
 from orchestrator.engine.store import ExecutionStore
 from orchestrator.store.flows import FlowRegistry
-from orchestrator.testing import spawn, stop_all, wait_for_pipeline
+from orchestrator.testing import consumers, spawn, stop_all, wait_for_pipeline, wait_until
 from schemas import FlowDefinition
 from tests.integration.helpers import (
     body,
@@ -111,6 +111,13 @@ async def test_killed_engine_under_load_every_execution_ends_once(
     executions: list[str] = []
     try:
         await wait_for_pipeline(test_settings, amqp)
+
+        async def all_up() -> bool:  # both engines and both workers, not just one of each
+            engines_up = await consumers(amqp, topology.EXECUTIONS_QUEUE)
+            workers_up = await consumers(amqp, topology.work_queue_name("default"))
+            return engines_up >= len(engines) and workers_up >= 2
+
+        await wait_until(all_up, what="both engines and both workers consuming")
         executions = [await request_execution(channel, "chain") for _ in range(200)]
         # the wait is the behaviour under test: the engine is killed 1 s into the load
         await asyncio.sleep(1.0)
