@@ -17,14 +17,39 @@ import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
+import aiormq
 import yaml
+from aio_pika.abc import AbstractConnection
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 
+from orchestrator import store, topology
 from orchestrator.config import Settings
 from schemas import UsageEvent
 
 T = TypeVar("T")
+
+
+@overload
+async def wait_until(
+    check: Callable[[], Awaitable[T]],
+    *,
+    timeout_s: float = ...,
+    every_s: float = ...,
+    what: str = ...,
+) -> T: ...
+
+
+@overload
+async def wait_until(
+    check: Callable[[], T],
+    *,
+    timeout_s: float = ...,
+    every_s: float = ...,
+    what: str = ...,
+) -> T: ...
 
 
 async def wait_until(
@@ -48,6 +73,94 @@ async def wait_until(
         if loop.time() >= deadline:
             raise TimeoutError(f"{what} did not hold within {timeout_s} s (last: {answer!r})")
         await asyncio.sleep(every_s)
+
+
+async def consumers(connection: AbstractConnection, queue: str) -> int:
+    """How many consumers `queue` has now (a passive declare), 0 while it does not exist: on a
+    channel of its own, which a missing queue closes."""
+    channel = await connection.channel()
+    try:
+        declared = await channel.declare_queue(queue, passive=True)
+    except aiormq.exceptions.ChannelNotFoundEntity:
+        return 0
+    finally:
+        if not channel.is_closed:
+            await channel.close()
+    return declared.declaration_result.consumer_count or 0
+
+
+async def wait_for_consumers(
+    connection: AbstractConnection, *queues: str, timeout_s: float = 30.0
+) -> None:
+    """Until each of `queues` has a consumer: a service that consumes it has started."""
+    for queue in queues:
+
+        async def consumed(name: str = queue) -> bool:
+            return await consumers(connection, name) > 0
+
+        await wait_until(consumed, timeout_s=timeout_s, what=f"a consumer on {queue}")
+
+
+async def wait_for_pipeline(
+    settings: Settings,
+    connection: AbstractConnection,
+    tenants: tuple[str, ...] = (),
+    *,
+    timeout_s: float = 30.0,
+) -> None:
+    """Until the processes of `spawn_pipeline` (or `running_system`) work: a dispatcher holds
+    the lease, a worker is registered, the engine consumes its queues and the scheduler the
+    ingress of each of `tenants` (registered ones: it consumes no other)."""
+    redis = store.connect(settings)
+    keys = store.Keys(settings.redis_prefix)
+
+    async def leading() -> bool:
+        return bool(await redis.exists(keys.dispatcher_lease))
+
+    async def registered() -> bool:
+        return bool(await redis.scard(keys.workers))
+
+    try:
+        await wait_until(leading, timeout_s=timeout_s, what="a dispatcher holding the lease")
+        await wait_until(registered, timeout_s=timeout_s, what="a registered worker")
+    finally:
+        await redis.aclose()
+    await wait_for_consumers(
+        connection,
+        topology.EXECUTIONS_QUEUE,
+        topology.RESULTS_QUEUE,
+        *(topology.ingress_queue_name(tenant) for tenant in tenants),
+        timeout_s=timeout_s,
+    )
+
+
+async def wait_for_violations(settings: Settings, timeout_s: float = 60.0) -> None:
+    """Until a violations consumer runs on the usage topic of `settings`: it created the topic,
+    joined its group and started its tick timer (the group leader's ticks, every
+    ORCH_VIOLATIONS_TICK_S, are records of the topic: its end offsets grow)."""
+    topic = settings.usage_topic
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_servers)
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_servers)
+    await admin.start()
+    await consumer.start()
+    records = 0
+
+    async def ticking() -> bool:
+        nonlocal records
+        (described,) = await admin.describe_topics([topic])
+        if described["error_code"] or not described["partitions"]:
+            return False  # not created yet
+        partitions = [TopicPartition(topic, p["partition"]) for p in described["partitions"]]
+        seen, records = records, sum((await consumer.end_offsets(partitions)).values())
+        return 0 < seen < records  # records arriving, not a topic somebody wrote to once
+
+    try:
+        await wait_until(
+            ticking, timeout_s=timeout_s, every_s=0.25, what="the violations consumer ticking"
+        )
+    finally:
+        await consumer.stop()
+        await admin.close()
 
 
 def process_env(settings: Settings, **extra: str) -> dict[str, str]:

@@ -32,5 +32,6 @@ async def crash(ctx: StepContext) -> dict[str, Any]:
 async def sleep(ctx: StepContext) -> dict[str, Any]:
     """Logs that it started, then sleeps `ms` milliseconds (default 100)."""
     _log_run(ctx)
+    # the wait is the behaviour under test: the step's work
     await asyncio.sleep(float(ctx.input.get("ms", 100)) / 1000)
     return {"slept_ms": ctx.input.get("ms", 100), "pid": os.getpid()}

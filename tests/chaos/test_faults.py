@@ -30,7 +30,13 @@ from orchestrator import store, topology
 from orchestrator.amqp import open_channel, publish
 from orchestrator.config import Settings
 from orchestrator.store.flows import FlowRegistry
-from orchestrator.testing import spawn, violations_env
+from orchestrator.testing import (
+    spawn,
+    violations_env,
+    wait_for_pipeline,
+    wait_for_violations,
+    wait_until,
+)
 from schemas import FlowDefinition, FlowStartRequested
 from tests.integration.helpers import body, fresh_settings, reset_queues
 
@@ -117,6 +123,7 @@ class Client:
                 await asyncio.wait_for(publish(self.channel, request), 10)
             except Exception:  # the broker is away: the client keeps trying
                 self.channel = None
+                # the wait is the behaviour under test: the client's pause between retries
                 await asyncio.sleep(0.5)
             else:
                 self.confirmed.append(key)
@@ -185,6 +192,7 @@ def infra(action: str, broker: str) -> None:
     subprocess.run([str(INFRA), action, broker], check=True, capture_output=True, timeout=300)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(1800)
 async def test_every_execution_ends_once_through_kills_and_broker_restarts(
     settings: Settings,
@@ -229,18 +237,21 @@ async def test_every_execution_ends_once_through_kills_and_broker_restarts(
         while not stop_load.is_set():
             n += 1
             await client.start_flow(f"chaos-{suffix}-{n}")
+            # the wait is the behaviour under test: the load's rate
             await asyncio.sleep(1 / rate)
 
     async def watch() -> None:
         while True:
             fleet.check()
             await feed.pump()
-            await asyncio.sleep(0.25)
+            await asyncio.sleep(0.25)  # poll interval of the watcher, which runs throughout
 
     async def fault(name: str, action: Any, settle_s: float = 8.0) -> None:
         began = time.monotonic()
         await action()
         faults.append((name, began, time.monotonic()))
+        # the wait is the behaviour under test: the system recovers under load for this long
+        # before the next fault
         await asyncio.sleep(settle_s)
         print(f"[chaos] {name}: {progress()}", flush=True)
 
@@ -267,6 +278,7 @@ async def test_every_execution_ends_once_through_kills_and_broker_restarts(
     def outage(broker: str, down_s: float) -> Any:
         async def action() -> None:
             await asyncio.to_thread(infra, "stop", broker)
+            # the wait is the behaviour under test: the broker stays away this long
             await asyncio.sleep(down_s)
             await asyncio.to_thread(infra, "start", broker)
 
@@ -275,7 +287,10 @@ async def test_every_execution_ends_once_through_kills_and_broker_restarts(
     watcher = asyncio.create_task(watch())
     loader = asyncio.create_task(load())
     try:
-        await asyncio.sleep(8.0)  # everything connected, the first executions done
+        # Everything connected, the first executions done.
+        await wait_for_pipeline(test_settings, amqp, ("acme",))
+        await wait_for_violations(test_settings)
+        await wait_until(feed.terminals, timeout_s=60, what="the first executions done")
         for round_ in range(rounds):
             tag = f" (round {round_ + 1})" if rounds > 1 else ""
             for kind in ("scheduler", "engine", "worker"):
@@ -293,9 +308,11 @@ async def test_every_execution_ends_once_through_kills_and_broker_restarts(
             ended = feed.terminals()
             if all(k in executions and executions[k] in ended for k in client.confirmed):
                 break
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(1.0)  # poll interval: executions still open
         print(f"[chaos] drained: {progress()}", flush=True)
-        await asyncio.sleep(3.0)  # a duplicate terminal event would arrive now
+        # the wait is the behaviour under test: a duplicate terminal event would arrive now,
+        # and none must
+        await asyncio.sleep(3.0)
         await feed.pump()
         exits = list(fleet.exits)
     finally:
@@ -361,7 +378,7 @@ async def _retried(action: Any) -> Any:
         except (OSError, ConnectionError, TimeoutError, redis_exceptions.RedisError):
             if attempt == 4:
                 raise
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(1.0)  # retry pause: the client reconnects meanwhile
     return None
 
 

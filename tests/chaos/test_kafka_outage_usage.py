@@ -21,13 +21,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aio_pika.abc import AbstractChannel
+from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
 from orchestrator import store
 from orchestrator.amqp import publish
 from orchestrator.config import Settings
 from orchestrator.store.flows import FlowRegistry
-from orchestrator.testing import spawn, spawn_pipeline, stop_all, violations_env
+from orchestrator.testing import (
+    spawn,
+    spawn_pipeline,
+    stop_all,
+    violations_env,
+    wait_for_pipeline,
+    wait_for_violations,
+)
 from schemas import FlowDefinition, FlowStartRequested
 from tests.integration.helpers import body, drain, fresh_settings, reset_queues, status_feed
 
@@ -74,8 +81,13 @@ def infra(action: str, broker: str) -> None:
 
 
 @pytest.mark.timeout(900)
+@pytest.mark.slow
 async def test_a_burst_during_or_right_after_a_kafka_outage_is_judged_for_its_window(
-    settings: Settings, channel: AbstractChannel, tmp_path: Path, long_run: bool
+    settings: Settings,
+    amqp: AbstractRobustConnection,
+    channel: AbstractChannel,
+    tmp_path: Path,
+    long_run: bool,
 ) -> None:
     down_s = 120.0 if long_run else 30.0
     suffix = uuid.uuid4().hex[:8]
@@ -106,20 +118,24 @@ async def test_a_burst_during_or_right_after_a_kafka_outage_is_judged_for_its_wi
     events: list[dict[str, Any]] = []
     watcher = asyncio.create_task(watch_done())
     try:
-        await asyncio.sleep(6)  # the usage topic exists before workers report to it
+        # The usage topic exists (and is consumed) before workers report to it.
+        await wait_for_violations(test_settings)
         processes += spawn_pipeline(test_settings)
-        await asyncio.sleep(2)
+        await wait_for_pipeline(test_settings, amqp)
         await FlowRegistry(redis, store.Keys(test_settings.redis_prefix)).apply(
             flows(), datetime.now(UTC)
         )
-        await asyncio.sleep(8)  # calm runs; its usage reaches the consumer
+        # the wait is the behaviour under test: calm runs for a while before the outage, its
+        # usage reaching the consumer (the steady state the outage interrupts)
+        await asyncio.sleep(8)
 
         await asyncio.to_thread(infra, "stop", "kafka")
         stopped_at = time.time()
+        # the wait is the behaviour under test: a burst in the middle of a down_s outage
         await asyncio.sleep(down_s / 2)
         during_from = time.time()
         await burst("during")
-        await asyncio.sleep(down_s / 2)
+        await asyncio.sleep(down_s / 2)  # the wait is the behaviour under test: the rest of it
         await asyncio.to_thread(infra, "start", "kafka")
         back_at = time.time()
         await burst("after")  # in the first seconds after Kafka returns
@@ -135,7 +151,9 @@ async def test_a_burst_during_or_right_after_a_kafka_outage_is_judged_for_its_wi
             judged = {e["tenant"] for e in events if e["type"].endswith("tenant.penalized")}
             if {"during", "after"} <= judged:
                 break
-        await asyncio.sleep(WINDOW + 3)  # a second announcement of one judgement comes now
+        # the wait is the behaviour under test: a second announcement of one judgement would
+        # come now, and none must
+        await asyncio.sleep(WINDOW + 3)
         events += [body(m) for m in await drain(feed, settle_s=0.5)]
         exits = [(p.args, p.poll()) for p in processes if p.poll() is not None]
     finally:

@@ -9,13 +9,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from aio_pika.abc import AbstractChannel
+from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
 from orchestrator import store, topology
 from orchestrator.config import Settings
 from orchestrator.engine.store import ExecutionStore
 from orchestrator.store.flows import FlowRegistry
-from orchestrator.testing import spawn, stop_all
+from orchestrator.testing import consumers, spawn, stop_all, wait_for_pipeline, wait_until
 from schemas import FlowDefinition
 from tests.integration.helpers import (
     body,
@@ -46,7 +46,7 @@ async def _cleanup(redis: Any, settings: Settings) -> None:
 
 
 async def test_killed_worker_step_is_redelivered_and_execution_succeeds(
-    settings: Settings, channel: AbstractChannel
+    settings: Settings, amqp: AbstractRobustConnection, channel: AbstractChannel
 ) -> None:
     test_settings = fresh_settings(settings)
     flow = {"id": "slow", "steps": [{"id": "a", "type": "demo.sleep", "input": {"ms": 3000}}]}
@@ -57,21 +57,22 @@ async def test_killed_worker_step_is_redelivered_and_execution_succeeds(
     first = spawn(test_settings, "worker", "--concurrency", "2")
     processes = [engine, spawn(test_settings, "dispatcher"), first]
     try:
-        await asyncio.sleep(2.0)
+        await wait_for_pipeline(test_settings, amqp)
         execution_id = await request_execution(channel, "slow")
-        # Wait until the worker holds the step: the registry says so in its heartbeat, the
-        # work queue says so in its unacked count. A 3 s step leaves time for both.
+        # Wait until the worker holds the step: it announces it started it (a 3 s step, the
+        # work queue's message unacked meanwhile).
         work = await channel.get_queue(topology.work_queue_name("default"))
         dispatched = body(await get_one(feed, wait_s=30))
         assert dispatched["type"].endswith("execution.started")
-        await asyncio.sleep(1.5)
+        events = []
+        while not (events and events[-1]["type"].endswith("step.started")):
+            events.append(body(await get_one(feed, wait_s=30)))
         declared = await channel.declare_queue(work.name, passive=True)
         assert declared.declaration_result.message_count == 0  # taken, not waiting
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=10)
         second = spawn(test_settings, "worker", "--concurrency", "2")
         processes.append(second)
-        events = []
         while True:
             event = body(await get_one(feed, wait_s=60))
             events.append(event)
@@ -91,7 +92,7 @@ async def test_killed_worker_step_is_redelivered_and_execution_succeeds(
 
 
 async def test_killed_engine_under_load_every_execution_ends_once(
-    settings: Settings, channel: AbstractChannel
+    settings: Settings, amqp: AbstractRobustConnection, channel: AbstractChannel
 ) -> None:
     test_settings = fresh_settings(settings)
     flow = {
@@ -109,8 +110,16 @@ async def test_killed_engine_under_load_every_execution_ends_once(
     workers.append(spawn(test_settings, "dispatcher"))
     executions: list[str] = []
     try:
-        await asyncio.sleep(2.5)
+        await wait_for_pipeline(test_settings, amqp)
+
+        async def all_up() -> bool:  # both engines and both workers, not just one of each
+            engines_up = await consumers(amqp, topology.EXECUTIONS_QUEUE)
+            workers_up = await consumers(amqp, topology.work_queue_name("default"))
+            return engines_up >= len(engines) and workers_up >= 2
+
+        await wait_until(all_up, what="both engines and both workers consuming")
         executions = [await request_execution(channel, "chain") for _ in range(200)]
+        # the wait is the behaviour under test: the engine is killed 1 s into the load
         await asyncio.sleep(1.0)
         engines[0].send_signal(signal.SIGKILL)
         engines[0].wait(timeout=10)
@@ -126,7 +135,7 @@ async def test_killed_engine_under_load_every_execution_ends_once(
                 states[execution_id] = execution.status if execution else "missing"
             if all(s in ("succeeded", "failed", "compensated") for s in states.values()):
                 break
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(0.5)  # poll interval: some executions still running
         unfinished = {
             e: s for e, s in states.items() if s not in ("succeeded", "failed", "compensated")
         }

@@ -4,7 +4,6 @@ quarantine runs out it runs again."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 import uuid
@@ -13,12 +12,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aio_pika.abc import AbstractChannel
+from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
 from orchestrator import store, topology
 from orchestrator.config import Settings
 from orchestrator.store.flows import FlowRegistry
-from orchestrator.testing import spawn, spawn_pipeline, stop_all, violations_env
+from orchestrator.testing import (
+    spawn,
+    spawn_pipeline,
+    stop_all,
+    violations_env,
+    wait_for_pipeline,
+    wait_for_violations,
+)
 from schemas import FlowDefinition
 from tests.integration.helpers import drain, fresh_settings, reset_queues
 
@@ -60,7 +66,7 @@ def flows() -> list[FlowDefinition]:
 
 
 async def test_noisy_tenant_is_punished_automatically_and_comes_back(
-    settings: Settings, channel: AbstractChannel, tmp_path: Path
+    settings: Settings, amqp: AbstractRobustConnection, channel: AbstractChannel, tmp_path: Path
 ) -> None:
     suffix = uuid.uuid4().hex[:8]
     test_settings = fresh_settings(settings, usage_topic=f"test.usage.{suffix}")
@@ -76,9 +82,10 @@ async def test_noisy_tenant_is_punished_automatically_and_comes_back(
     processes = [spawn(test_settings, "violations", **env)]
     events: list[tuple[float, str, dict[str, Any]]] = []
     try:
-        await asyncio.sleep(6)  # the usage topic exists before workers report to it
+        # The usage topic exists (and is consumed) before workers report to it.
+        await wait_for_violations(test_settings)
         processes += spawn_pipeline(test_settings)
-        await asyncio.sleep(2)
+        await wait_for_pipeline(test_settings, amqp)
         await FlowRegistry(redis, store.Keys(test_settings.redis_prefix)).apply(
             flows(), datetime.now(UTC)
         )

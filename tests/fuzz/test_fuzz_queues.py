@@ -1212,7 +1212,7 @@ async def until(
         now = loop.time()
         if now > deadline or now - changed > stalled_s:
             return f"not reached in {now - deadline + wait_s:.0f}s: {last}"
-        await asyncio.sleep(0.25)
+        await asyncio.sleep(0.25)  # poll interval: `check` does not hold yet
         if (current := what()) != last:
             last, changed = current, loop.time()
     return None
@@ -1436,7 +1436,9 @@ async def test_fuzzed_bad_input_on_every_queue(
                     await start()
                 publish_s = time.monotonic() - publish_began
                 timed_out = await until(all_in, progress, WAIT_S)
-                await asyncio.sleep(2.0)  # stragglers: a duplicate would arrive now
+                # the wait is the behaviour under test: a duplicate would arrive now, and
+                # none must
+                await asyncio.sleep(2.0)
                 died = [t for t in tasks if t.done()]
                 reconnects = list(system.reconnects)
         elapsed = time.monotonic() - began

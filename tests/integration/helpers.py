@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import urllib.parse
 import uuid
 from typing import Any
 
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
 from orchestrator import topology
+from orchestrator.accounts import Management, vhost_of
 from orchestrator.amqp import publish
 from orchestrator.config import Settings
+from orchestrator.testing import wait_until
 from schemas import ExecutionRequested
 
 
@@ -23,19 +26,18 @@ def fresh_settings(settings: Settings, **overrides: Any) -> Settings:
 
 async def get_one(queue: AbstractQueue, wait_s: float = 10.0) -> AbstractIncomingMessage:
     """The next message of a queue (acked), polling with basic.get."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + wait_s
-    while True:
-        message = await queue.get(no_ack=True, fail=False)
-        if message is not None:
-            return message
-        if loop.time() > deadline:
-            raise TimeoutError(f"nothing arrived in {queue.name} within {wait_s}s")
-        await asyncio.sleep(0.02)
+    message: AbstractIncomingMessage = await wait_until(
+        lambda: queue.get(no_ack=True, fail=False),
+        timeout_s=wait_s,
+        every_s=0.02,
+        what=f"a message in {queue.name}",
+    )
+    return message
 
 
 async def drain(queue: AbstractQueue, settle_s: float = 0.3) -> list[AbstractIncomingMessage]:
-    """Everything in the queue now (acked), after waiting `settle_s` for stragglers."""
+    """Everything in the queue now (acked), after waiting `settle_s` for stragglers (the
+    caller's poll interval, or the quiet period it asserts something in: its choice)."""
     await asyncio.sleep(settle_s)
     out = []
     while (message := await queue.get(no_ack=True, fail=False)) is not None:
@@ -47,6 +49,49 @@ async def purged(channel: AbstractChannel, name: str) -> AbstractQueue:
     queue = await channel.get_queue(name)
     await queue.purge()
     return queue
+
+
+def status_bindings(management: Management, settings: Settings, pattern: str) -> int:
+    """How many queues are bound to the status exchange with `pattern`: subscribers to it
+    (the management API reads bindings from the broker's metadata, not from sampled stats)."""
+    vhost = urllib.parse.quote(vhost_of(str(settings.rabbitmq_url)), safe="")
+    found = management.call("GET", f"/exchanges/{vhost}/{topology.STATUS}/bindings/source")
+    return sum(1 for binding in found if binding.get("routing_key") == pattern)
+
+
+async def wait_for_subscriber(
+    management: Management, settings: Settings, pattern: str, before: int
+) -> None:
+    """Until more than `before` queues are bound to the status exchange with `pattern`: a
+    subscription started meanwhile receives what is published from now on."""
+
+    async def subscribed() -> bool:
+        return await asyncio.to_thread(status_bindings, management, settings, pattern) > before
+
+    await wait_until(subscribed, timeout_s=30, what=f"a new subscriber to {pattern}")
+
+
+def connections_named(management: Management, settings: Settings, name: str) -> int:
+    """How many connections to the session's virtual host carry `name` (an orchestrator
+    process names its connection `orchestrator-<role>`)."""
+    vhost = urllib.parse.quote(vhost_of(str(settings.rabbitmq_url)), safe="")
+    found = management.call("GET", f"/vhosts/{vhost}/connections")
+    return sum(
+        1
+        for connection in found
+        if (connection.get("client_properties") or {}).get("connection_name") == name
+    )
+
+
+async def wait_for_connections(
+    management: Management, settings: Settings, name: str, count: int
+) -> None:
+    """Until `count` processes have connected to RabbitMQ as `name`."""
+
+    async def connected() -> bool:
+        return await asyncio.to_thread(connections_named, management, settings, name) >= count
+
+    await wait_until(connected, timeout_s=30, what=f"{count} connections named {name}")
 
 
 async def status_feed(channel: AbstractChannel, pattern: str = "#") -> AbstractQueue:

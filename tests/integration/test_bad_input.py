@@ -17,6 +17,7 @@ from orchestrator import topology
 from orchestrator.amqp import DETAIL_HEADER, QUEUE_HEADER, REASON_HEADER, publish
 from orchestrator.config import Settings
 from orchestrator.consumer import DROPPED
+from orchestrator.testing import wait_until
 from schemas import FlowStartRequested
 from tests.factories import sample
 from tests.integration.helpers import body, drain, fresh_settings, purged
@@ -78,12 +79,11 @@ def bad_ids() -> dict[str, RawProperties]:
 
 
 async def _until(check: Any, what: Any, wait_s: float = 90.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + wait_s
-    while not await check():
-        if loop.time() > deadline:
-            raise TimeoutError(f"not reached: {await what()}")
-        await asyncio.sleep(0.2)
+    """Until `check` holds; on a timeout the error tells `what` was reached."""
+    try:
+        await wait_until(check, timeout_s=wait_s, every_s=0.2)
+    except TimeoutError:
+        raise TimeoutError(f"not reached: {await what()}") from None
 
 
 class Feed:
@@ -174,7 +174,9 @@ async def test_bad_messages_on_every_queue_cost_nothing_else(
 
         await _until(all_dead_lettered, dead_counts)
         await _until(lambda: feed.all_ended(started), feed.progress)
-        await asyncio.sleep(1.0)  # stragglers: a duplicate terminal event would come now
+        # the wait is the behaviour under test: a duplicate terminal event would come now,
+        # and none must
+        await asyncio.sleep(1.0)
         await feed.pump()
         assert system.reconnects == [], "a bad message cost the services their connection"
 

@@ -17,6 +17,7 @@ from orchestrator.amqp import publish
 from orchestrator.config import Settings
 from orchestrator.dispatcher.service import Dispatcher
 from orchestrator.scheduler.service import Scheduler
+from orchestrator.testing import wait_until
 from schemas import FlowStartRequested, PenaltyCommand
 from tests.integration.helpers import fresh_settings
 
@@ -43,12 +44,11 @@ async def test_a_penalty_for_a_tenant_without_flows_creates_no_queue(
         )
         await publish(channel, command)
         penalty = f"{test_settings.redis_prefix}penalty:{ghost}"
-        for _ in range(100):
-            if await redis.exists(penalty):
-                break
-            await asyncio.sleep(0.1)
+        await wait_until(lambda: redis.exists(penalty), timeout_s=10, what="the penalty applied")
         assert 0 < await redis.pttl(penalty) <= 300_000  # applied, and it expires
-        await asyncio.sleep(1.5)  # a few dispatcher refreshes
+        # the wait is the behaviour under test: no queue appears through a few dispatcher
+        # refreshes (every 0.5 s), an absence nothing announces
+        await asyncio.sleep(1.5)
         probe = await amqp.channel()
         with pytest.raises(aiormq.exceptions.ChannelNotFoundEntity):
             await probe.declare_queue(topology.tenant_queue_name(ghost), passive=True)
@@ -75,7 +75,9 @@ async def test_a_flow_start_for_an_unknown_tenant_is_unroutable_and_creates_noth
         request = FlowStartRequested(tenant=ghost, flow_id="f", idempotency_key="k")
         with pytest.raises(DeliveryError):
             await publish(channel, request)
-        await asyncio.sleep(1.5)  # a refresh of the scheduler's ingress
+        # the wait is the behaviour under test: no queue appears through a refresh of the
+        # scheduler's ingress, an absence nothing announces
+        await asyncio.sleep(1.5)
         probe = await amqp.channel()
         with pytest.raises(aiormq.exceptions.ChannelNotFoundEntity):
             await probe.declare_queue(topology.ingress_queue_name(ghost), passive=True)

@@ -11,9 +11,16 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from orchestrator import topology
+from orchestrator.accounts import Management
 from orchestrator.config import Settings
-from orchestrator.testing import process_env
-from tests.integration.helpers import fresh_settings, reset_queues
+from orchestrator.testing import process_env, wait_for_consumers
+from tests.integration.helpers import (
+    fresh_settings,
+    reset_queues,
+    status_bindings,
+    wait_for_subscriber,
+)
 from tests.integration.system import System, running_system
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -38,7 +45,8 @@ async def system(settings: Settings, channel: object) -> AsyncIterator[System]:
                 ],
             },
         )
-        await asyncio.sleep(1.5)  # the scheduler declares acme's ingress
+        # The scheduler declares acme's ingress, and consumes it.
+        await wait_for_consumers(running.connection, topology.ingress_queue_name("acme"))
         yield running
 
 
@@ -97,11 +105,13 @@ async def test_trigger_wait_exits_124_on_timeout(system: System) -> None:
     assert "did not end in 1 s" in slow.stderr
 
 
-async def test_status_tail_prints_count_events_as_json_lines(system: System) -> None:
-    tail = asyncio.create_task(
-        run(system.settings, "status", "tail", "acme.ok.execution.*", "--count", "2")
-    )
-    await asyncio.sleep(2.0)  # tail is subscribed
+async def test_status_tail_prints_count_events_as_json_lines(
+    system: System, management: Management
+) -> None:
+    pattern = "acme.ok.execution.*"
+    before = status_bindings(management, system.settings, pattern)
+    tail = asyncio.create_task(run(system.settings, "status", "tail", pattern, "--count", "2"))
+    await wait_for_subscriber(management, system.settings, pattern, before)
     assert (await run(system.settings, "flows", "trigger", "acme/ok")).returncode == 0
     done = await asyncio.wait_for(tail, 60)
     assert done.returncode == 0, done.stderr

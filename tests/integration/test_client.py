@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import pytest
 from aio_pika.abc import AbstractChannel
 
-from orchestrator import store
+from orchestrator import store, topology
 from orchestrator.accounts import Account, Management, Provisioner, vhost_of
 from orchestrator.client import (
     Forbidden,
@@ -25,8 +25,14 @@ from orchestrator.client import (
 from orchestrator.config import Settings
 from orchestrator.store.admission import AdmissionStore
 from orchestrator.store.flows import FlowRegistry
+from orchestrator.testing import wait_for_consumers
 from schemas import ExecutionList, ExecutionPage
-from tests.integration.helpers import fresh_settings, reset_queues
+from tests.integration.helpers import (
+    fresh_settings,
+    reset_queues,
+    status_bindings,
+    wait_for_subscriber,
+)
 from tests.integration.system import System, running_system
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -82,7 +88,9 @@ async def acme(
         await system.apply(*FLOWS)
         registry = FlowRegistry(system.redis, store.Keys(test_settings.redis_prefix))
         await registry.set_paused("acme", "paused", True)
-        await asyncio.sleep(1.5)  # the scheduler consumes the tenants' ingress
+        await wait_for_consumers(
+            system.connection, *(topology.ingress_queue_name(t) for t in ("acme", "globex"))
+        )
         yield system, account
     provisioner.revoke_tenant("acme")
     management.close()
@@ -94,13 +102,14 @@ def client_for(settings: Settings, account: Account) -> OrchestratorClient:
     )
 
 
-async def test_start_follow_and_wait(acme: tuple[System, Account]) -> None:
+async def test_start_follow_and_wait(acme: tuple[System, Account], management: Management) -> None:
     system, account = acme
     async with client_for(system.settings, account) as client:
         assert client.tenant == "acme"
+        before = status_bindings(management, system.settings, "acme.chain.#")
         events = client.subscribe("acme.chain.#")
         first = asyncio.ensure_future(anext(events))
-        await asyncio.sleep(0.5)
+        await wait_for_subscriber(management, system.settings, "acme.chain.#", before)
         execution_id = await client.start_flow("acme", "chain", {"x": 1})
         outcome = await client.wait_for(execution_id, timeout=30)
         assert outcome.type == "io.orchestrator.execution.succeeded"
@@ -169,19 +178,23 @@ async def test_a_view_of_another_tenants_execution_is_not_found(
 
 
 async def test_a_durable_subscriber_stopped_for_10_s_misses_nothing(
-    acme: tuple[System, Account],
+    acme: tuple[System, Account], management: Management
 ) -> None:
     system, account = acme
+    pattern = "acme.chain.execution.succeeded"
     async with client_for(system.settings, account) as client:
-        events = client.subscribe("acme.chain.execution.succeeded", queue="billing")
+        before = status_bindings(management, system.settings, pattern)
+        events = client.subscribe(pattern, queue="billing")
         first = asyncio.ensure_future(anext(events))
-        await asyncio.sleep(0.5)
+        await wait_for_subscriber(management, system.settings, pattern, before)
         started = [await client.start_flow("acme", "chain")]
         assert (await first).subject == started[0]
         await events.aclose()  # type: ignore[attr-defined]
     # Away for 10 s while executions end.
     async with client_for(system.settings, account) as client:
         started += [await client.start_flow("acme", "chain") for _ in range(3)]
+    # the wait is the behaviour under test: the durable subscriber is away for 10 s while
+    # its events are published
     await asyncio.sleep(10)
     async with client_for(system.settings, account) as client:
         events = client.subscribe("acme.chain.execution.succeeded", queue="billing")
@@ -195,13 +208,14 @@ async def test_a_durable_subscriber_stopped_for_10_s_misses_nothing(
 
 
 async def test_cancel_mid_dag_compensates_completed_steps_and_ends_cancelled(
-    acme: tuple[System, Account],
+    acme: tuple[System, Account], management: Management
 ) -> None:
     system, account = acme
     async with client_for(system.settings, account) as client:
+        before = status_bindings(management, system.settings, "acme.saga.#")
         events = client.subscribe("acme.saga.#")
         first = asyncio.ensure_future(anext(events))
-        await asyncio.sleep(0.5)
+        await wait_for_subscriber(management, system.settings, "acme.saga.#", before)
         execution_id = await client.start_flow("acme", "saga")
         seen = [await asyncio.wait_for(first, 30)]
         while not (seen[-1].type.endswith("step.dispatched") and seen[-1].data["step_id"] == "b"):

@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import shutil
 import socket
-import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -25,6 +24,7 @@ from orchestrator.config import Settings
 from orchestrator.dashboard import serve_dashboard
 from orchestrator.operator import Operator
 from orchestrator.overview import gather
+from orchestrator.testing import wait_for_consumers, wait_until
 from tests.conftest import IN_CI
 from tests.integration.helpers import fresh_settings, purged, reset_queues
 from tests.integration.system import System, running_system
@@ -92,16 +92,23 @@ async def dashboard(system: System) -> AsyncIterator[str]:
 
 
 async def _eventually(check: Callable[[], Any], wait_s: float = 30.0) -> Any:
-    """Polls a blocking browser check (in a thread, so the dashboard keeps serving)."""
-    deadline = time.monotonic() + wait_s
-    while True:
+    """Polls a blocking browser check (in a thread, so the dashboard keeps serving) until it
+    answers something true; its last answer if it never does (for the caller's assert)."""
+    last: Any = None
+
+    def attempt() -> Any:
+        nonlocal last
         try:
-            value = await asyncio.to_thread(check)
+            last = check()
         except Exception:
-            value = None
-        if value or time.monotonic() > deadline:
-            return value
-        await asyncio.sleep(0.3)
+            last = None
+        return last
+
+    with contextlib.suppress(TimeoutError):
+        return await wait_until(
+            lambda: asyncio.to_thread(attempt), timeout_s=wait_s, every_s=0.3, what="the page"
+        )
+    return last
 
 
 def _text(browser: Any, selector: str) -> str:
@@ -126,7 +133,7 @@ async def test_the_page_shows_what_the_apis_report_and_updates_live(
             dashboard(system) as url,
         ):
             await operator.set_weight("dash", 4)
-            await asyncio.sleep(1.5)  # the scheduler consumes dash's ingress
+            await wait_for_consumers(system.connection, topology.ingress_queue_name("dash"))
             execution_id = await client.start_flow("dash", "chain")
             await client.wait_for(execution_id, timeout=30, tenant="dash")
             await channel.default_exchange.publish(

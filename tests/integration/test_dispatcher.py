@@ -21,8 +21,8 @@ from orchestrator.amqp import publish
 from orchestrator.config import Settings
 from orchestrator.dispatcher.service import Dispatcher
 from orchestrator.store import Keys
-from orchestrator.store.tenants import TenantStore
-from orchestrator.testing import spawn, stop_all, wait_until
+from orchestrator.store.tenants import TenantPolicy, TenantStore
+from orchestrator.testing import spawn, stop_all, wait_for_consumers, wait_until
 from schemas import QuarantineCommand, ReleaseCommand, StepTask
 from tests.integration.helpers import (
     body,
@@ -63,6 +63,7 @@ class Rig:
     channel: AbstractChannel
     tenants: TenantStore
     results: AbstractQueue
+    dispatcher: Dispatcher | None = None  # the in-process one, where a test runs one
 
     async def enqueue(self, tenant: str, count: int, start: int = 0, ms: int = 20) -> None:
         await asyncio.gather(
@@ -105,12 +106,13 @@ async def rig(
 ) -> AsyncIterator[Rig]:
     test_settings, redis, rig = await _prepare(settings, channel)
     stop = asyncio.Event()
+    rig.dispatcher = Dispatcher(test_settings, redis, amqp)
     async with Worker(test_settings, amqp, redis, concurrency=2) as worker:
         tasks = [
             asyncio.create_task(worker.run(stop)),
-            asyncio.create_task(Dispatcher(test_settings, redis, amqp).run(stop)),
+            asyncio.create_task(rig.dispatcher.run(stop)),
         ]
-        await asyncio.sleep(0.5)
+        await _working(amqp, rig.dispatcher)
         yield rig
         stop.set()
         await asyncio.gather(*tasks)
@@ -121,6 +123,28 @@ async def rig(
     await redis.aclose()
 
 
+async def _working(amqp: AbstractRobustConnection, dispatcher: Dispatcher) -> None:
+    """Until the dispatcher leads and consumes every tenant's queue, and a worker consumes the
+    work queue."""
+    await wait_until(lambda: dispatcher.leader, what="the dispatcher leads")
+    await wait_for_consumers(
+        amqp,
+        *(topology.tenant_queue_name(t) for t in TENANTS),
+        topology.work_queue_name(topology.DEFAULT_POOL),
+    )
+
+
+def _policy(rig: Rig, tenant: str) -> TenantPolicy | None:
+    """What the rig's dispatcher applies to `tenant` now."""
+    assert rig.dispatcher is not None
+    return rig.dispatcher.ledger.policies.get(tenant)
+
+
+def _in_flight(rig: Rig, tenant: str) -> int:
+    assert rig.dispatcher is not None
+    return rig.dispatcher.ledger.per_tenant.get(tenant, 0)
+
+
 class SlowChannels:
     """A real connection whose channels take `delay_s` to open, as on a loaded host."""
 
@@ -129,6 +153,7 @@ class SlowChannels:
         self._delay_s = delay_s
 
     async def channel(self, *args: Any, **kwargs: Any) -> AbstractChannel:
+        # the wait is the behaviour under test: a channel open that takes this long
         await asyncio.sleep(self._delay_s)
         return await self._connection.channel(*args, **kwargs)
 
@@ -151,8 +176,9 @@ async def test_taking_the_lead_survives_a_slow_channel_open(
             asyncio.create_task(dispatcher.run(stop)),
         ]
         try:
-            await asyncio.sleep(4.0)  # two slow opens, several refresh ticks
-            assert dispatcher.leader
+            # Two slow opens, refresh ticks meanwhile: a leader that died of them would not
+            # run the steps below.
+            await wait_until(lambda: dispatcher.leader, what="the dispatcher leads")
             await rig.enqueue("ta", 5, ms=5)
             assert len(await rig.completions(5, wait_s=20)) == 5
         finally:
@@ -166,7 +192,14 @@ async def test_taking_the_lead_survives_a_slow_channel_open(
 async def test_weights_5_3_2_under_full_backlog(rig: Rig) -> None:
     for tenant, weight in (("ta", 5), ("tb", 3), ("tc", 2)):
         await rig.tenants.set_config(tenant, weight=weight)
-    await asyncio.sleep(1.0)  # the dispatcher re-reads tenant settings every 0.5 s
+    # The dispatcher re-reads tenant settings every 0.5 s.
+    await wait_until(
+        lambda: all(
+            (policy := _policy(rig, t)) is not None and policy.weight == w
+            for t, w in (("ta", 5), ("tb", 3), ("tc", 2))
+        ),
+        what="the dispatcher applies the weights",
+    )
     for tenant in ("ta", "tb", "tc"):
         await rig.enqueue(tenant, 80)
     order = await rig.completions(100)
@@ -178,7 +211,7 @@ async def test_weights_5_3_2_under_full_backlog(rig: Rig) -> None:
 
 async def test_noisy_neighbour_does_not_delay_quiet_tenants(rig: Rig) -> None:
     await rig.enqueue("noisy", 500)
-    await asyncio.sleep(0.5)
+    await wait_until(lambda: _in_flight(rig, "noisy"), what="the noisy backlog being served")
     await drain(rig.results, settle_s=0)  # only what completes after the quiet ones arrive
     await rig.enqueue("quiet1", 5)
     await rig.enqueue("quiet2", 5)
@@ -206,13 +239,24 @@ async def test_quarantine_stops_a_tenant_and_release_resumes_it(rig: Rig) -> Non
             expires_at=now + timedelta(minutes=5),
         ),
     )
-    await asyncio.sleep(1.0)  # within 1 s of the command
-    await drain(rig.results, settle_s=0.1)  # steps already in flight finish
+    # Applied, and the steps already in flight finished.
+    await wait_until(
+        lambda: (
+            (policy := _policy(rig, "ta")) is not None
+            and policy.quarantined
+            and _in_flight(rig, "ta") == 0
+        ),
+        what="ta quarantined, none of its steps in flight",
+    )
+    await drain(rig.results, settle_s=0.1)  # their results
     held = await rig.completions(30, wait_s=3)
     assert "ta" not in held, Counter(held)
     assert "tb" in held
     await publish(rig.channel, ReleaseCommand(command_id="r-test-1", tenant="ta", rule="test"))
-    await asyncio.sleep(1.0)
+    await wait_until(
+        lambda: (policy := _policy(rig, "ta")) is not None and not policy.quarantined,
+        what="ta released",
+    )
     resumed = await rig.completions(20)
     assert "ta" in resumed
 
@@ -319,7 +363,7 @@ def _scrape(port: int) -> dict[tuple[str, str], float]:
 
 
 async def test_dispatcher_exports_per_tenant_metrics(
-    settings: Settings, channel: AbstractChannel
+    settings: Settings, amqp: AbstractRobustConnection, channel: AbstractChannel
 ) -> None:
     test_settings, redis, rig = await _prepare(settings, channel)
     await rig.tenants.set_config("ta", weight=3)
@@ -327,12 +371,22 @@ async def test_dispatcher_exports_per_tenant_metrics(
     dispatcher = spawn(test_settings, "dispatcher", ORCH_METRICS_PORT=str(port))
     worker = spawn(test_settings, "worker", "--concurrency", "2")
     try:
-        await asyncio.sleep(2.5)
+        await wait_for_consumers(
+            amqp,
+            *(topology.tenant_queue_name(t) for t in ("ta", "tb")),
+            topology.work_queue_name(topology.DEFAULT_POOL),
+        )
         await rig.enqueue("ta", 12, ms=10)
         await rig.enqueue("tb", 8, ms=10)
         assert len(await rig.completions(20)) == 20
-        await asyncio.sleep(0.3)  # the completions reach the dispatcher too
-        metrics = await asyncio.to_thread(_scrape, port)
+
+        async def settled() -> dict[tuple[str, str], float] | None:
+            """The metrics once the completions reached the dispatcher too."""
+            metrics = await asyncio.to_thread(_scrape, port)
+            done = all(metrics.get(("orchestrator_in_flight", t)) == 0 for t in ("ta", "tb"))
+            return metrics if done else None
+
+        metrics = await wait_until(settled, what="nothing in flight in the dispatcher's metrics")
         assert metrics[("orchestrator_dispatched_total", "ta")] == 12
         assert metrics[("orchestrator_dispatched_total", "tb")] == 8
         assert metrics[("orchestrator_dwell_seconds_count", "ta")] == 12

@@ -24,7 +24,7 @@ from orchestrator.config import Settings
 from orchestrator.dlq import BATCH as REPLAY_WINDOW
 from orchestrator.scheduler.service import Scheduler
 from orchestrator.store.flows import FlowRegistry
-from orchestrator.testing import process_env
+from orchestrator.testing import consumers, process_env, wait_for_consumers, wait_until
 from schemas import FlowDefinition, FlowStartRequested
 from tests.integration.helpers import body, drain, fresh_settings, get_one, purged, status_feed
 
@@ -71,17 +71,20 @@ async def test_a_dead_letter_is_shown_then_replayed_once_its_flow_exists(
     scheduler = asyncio.create_task(Scheduler(test_settings, redis, amqp).run(stop))
     feed = await status_feed(channel, "acme.late.flow_start.accepted")
     try:
-        await asyncio.sleep(0.5)
+        await wait_for_consumers(amqp, ingress.name)
         await publish(
             channel, FlowStartRequested(tenant="acme", flow_id="late", idempotency_key="r1")
         )
         dlq_queue = await channel.get_queue(ingress.dlq)
-        for _ in range(100):  # until it is dead-lettered
+
+        async def dead_lettered() -> bool:
             probe = await dlq_queue.get(no_ack=False, fail=False)
-            if probe is not None:
-                await probe.nack(requeue=True)  # hand it back
-                break
-            await asyncio.sleep(0.1)
+            if probe is None:
+                return False
+            await probe.nack(requeue=True)  # hand it back
+            return True
+
+        await wait_until(dead_lettered, timeout_s=10, every_s=0.1, what="the request dead-lettered")
 
         shown = await cli_async(test_settings, "show", ingress.dlq, "--json")
         assert shown.returncode == 0, shown.stderr
@@ -261,16 +264,21 @@ async def test_kill_9_mid_replay_loses_nothing(
     # Counted on a plain connection: a robust channel's passive declare reports 0 here.
     counter = await aio_pika.connect(str(settings.rabbitmq_url))
     counting = await counter.channel()
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
+
+    async def a_fifth_moved() -> bool:
         destination = await counting.declare_queue(dest, passive=True)
-        if (destination.declaration_result.message_count or 0) >= total // 5:
-            break
-        await asyncio.sleep(0.01)
+        return (destination.declaration_result.message_count or 0) >= total // 5
+
+    await wait_until(a_fifth_moved, timeout_s=120, every_s=0.01, what="a fifth replayed")
     replay.send_signal(signal.SIGKILL)
-    await counter.close()
     replay.wait(timeout=10)
-    await asyncio.sleep(1.0)  # its unacked letters return to the DLQ
+
+    # Its unacked letters return to the DLQ as the broker drops its consumer.
+    async def unconsumed() -> bool:
+        return await consumers(counter, dlq) == 0
+
+    await wait_until(unconsumed, what="the killed replay's consumer gone")
+    await counter.close()
     in_dlq = await _ids(channel, dlq)
     at_dest = await _ids(channel, dest)
     assert total // 5 <= sum(at_dest.values()) < total, "not killed in the middle"

@@ -23,6 +23,7 @@ from orchestrator.config import Settings
 from orchestrator.dispatcher.service import Dispatcher
 from orchestrator.engine.service import Engine
 from orchestrator.store.flows import FlowRegistry
+from orchestrator.testing import wait_for_pipeline
 from schemas import ExecutionRequested, FlowDefinition, StepResult
 from tests.integration.helpers import body, fresh_settings, get_one, purged, reset_queues
 from workers import Worker
@@ -97,7 +98,7 @@ async def system(
             asyncio.create_task(worker.run(stop)),
             asyncio.create_task(Dispatcher(test_settings, redis, amqp).run(stop)),
         ]
-        await asyncio.sleep(0.3)
+        await wait_for_pipeline(test_settings, amqp)
         yield System(
             test_settings,
             channel,

@@ -20,6 +20,7 @@ from orchestrator.amqp import REASON_HEADER, publish
 from orchestrator.config import Settings
 from orchestrator.scheduler.service import Scheduler
 from orchestrator.store.flows import FlowRegistry
+from orchestrator.testing import wait_for_consumers
 from schemas import FlowDefinition, FlowStartRequested
 from tests.integration.helpers import body, drain, fresh_settings, get_one, purged, status_feed
 
@@ -60,7 +61,7 @@ async def running_scheduler(
     stop = asyncio.Event()
     scheduler = Scheduler(test_settings, redis, amqp)
     task = asyncio.create_task(scheduler.run(stop))
-    await asyncio.sleep(0.2)
+    await wait_for_consumers(amqp, ingress)
     yield test_settings
     stop.set()
     await task
@@ -82,9 +83,9 @@ async def test_valid_request_starts_an_execution_once(
     assert started.message_id == execution["fire_id"]
 
     await publish(channel, request())  # the same idempotency key again
-    await asyncio.sleep(0.5)
+    events = [body(await get_one(feed)) for _ in range(2)]  # decided: the second is announced
     assert await drain(executions) == []
-    events = [body(m) for m in await drain(feed)]
+    events += [body(m) for m in await drain(feed, settle_s=0.0)]
     assert [e["type"] for e in events] == ["io.orchestrator.flow_start.accepted"] * 2
     assert events[1]["data"]["duplicate"] is True
     assert events[1]["subject"] == execution["execution_id"]
@@ -171,5 +172,5 @@ async def test_identical_requests_at_once_run_once_and_say_so(
         events.append(body(await get_one(feed)))
     assert sum(1 for e in events if not e["data"].get("duplicate")) == 1
     assert len({e["id"] for e in events}) == 20
-    await asyncio.sleep(0.5)
-    assert len(await drain(executions)) == 1
+    # Every copy is decided (announced above): one execution, and no other behind it.
+    assert len([await get_one(executions), *await drain(executions)]) == 1

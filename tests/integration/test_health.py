@@ -10,7 +10,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -21,7 +20,7 @@ from aio_pika.abc import AbstractChannel
 
 from orchestrator import topology
 from orchestrator.config import Settings
-from orchestrator.testing import process_env
+from orchestrator.testing import process_env, wait_until
 from tests.faults import TcpProxy
 from tests.integration.helpers import fresh_settings
 
@@ -60,13 +59,14 @@ def _get(port: int, path: str) -> tuple[int, str]:
 
 
 async def _until(port: int, path: str, status: int, wait_s: float = 60, name: str = "") -> str:
-    deadline = time.monotonic() + wait_s
-    while time.monotonic() < deadline:
+    async def answered() -> tuple[str] | None:
         code, body = await asyncio.to_thread(_get, port, path)
-        if code == status:
-            return body
-        await asyncio.sleep(0.3)
-    raise TimeoutError(f"{name} {path} never answered {status}")
+        return (body,) if code == status else None
+
+    (body,) = await wait_until(
+        answered, timeout_s=wait_s, every_s=0.3, what=f"{name} {path} answering {status}"
+    )
+    return body
 
 
 def _tail(log: Any) -> str:

@@ -31,6 +31,7 @@ from orchestrator.amqp import REASON_HEADER, publish, to_amqp
 from orchestrator.config import Settings
 from orchestrator.scheduler.service import Scheduler
 from orchestrator.store.flows import FlowRegistry
+from orchestrator.testing import wait_for_consumers, wait_until
 from schemas import FlowDefinition, FlowStartRequested
 from tests.factories import sample
 from tests.integration.helpers import body, drain, fresh_settings, get_one, purged
@@ -95,7 +96,7 @@ async def tenants(
         t: await aio_pika.connect(a.amqp_url(str(settings.rabbitmq_url)))
         for t, a in accounts.items()
     }
-    await asyncio.sleep(0.3)
+    await wait_for_consumers(amqp, *(topology.ingress_queue_name(t) for t in TENANTS))
     yield Tenants(test_settings, accounts, connections)
     for connection in connections.values():
         await connection.close()
@@ -331,7 +332,10 @@ async def test_a_revoked_account_is_disconnected_and_cannot_log_in(
     )
     connection = tenants.connections["bob"]
     assert provisioner.revoke_tenant("bob")
-    await asyncio.sleep(0.5)  # RabbitMQ closes the deleted account's connections itself
+    # RabbitMQ closes the deleted account's connections itself
+    await wait_until(
+        lambda: not connection.connected.is_set(), what="bob's connection closed by RabbitMQ"
+    )
     with pytest.raises((AMQPError, RuntimeError)):
         await connection.channel()
     with pytest.raises(aio_pika.exceptions.ProbableAuthenticationError):

@@ -15,8 +15,10 @@ from pathlib import Path
 import pytest
 from aio_pika.abc import AbstractChannel
 
+from orchestrator import topology
 from orchestrator.accounts import Account, Management, Provisioner, vhost_of
 from orchestrator.config import Settings
+from orchestrator.testing import wait_for_consumers
 from tests.conftest import IN_CI
 from tests.integration.helpers import fresh_settings, reset_queues
 from tests.integration.system import System, running_system
@@ -79,7 +81,8 @@ async def tenant(
                 ],
             },
         )
-        await asyncio.sleep(1.5)  # the scheduler declares the tenant's ingress
+        # The scheduler declares the tenant's ingress, and consumes it.
+        await wait_for_consumers(system.connection, topology.ingress_queue_name("nodejs"))
         yield system, account
     provisioner.revoke_tenant("nodejs")
     management.close()

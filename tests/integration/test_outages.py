@@ -15,16 +15,24 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from aio_pika.abc import AbstractChannel
+from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
 from orchestrator import store, topology
+from orchestrator.accounts import Management
 from orchestrator.amqp import publish
 from orchestrator.config import Settings
 from orchestrator.store.flows import FlowRegistry
-from orchestrator.testing import process_env
+from orchestrator.testing import process_env, wait_for_pipeline, wait_until
 from schemas import FlowDefinition, FlowStartRequested
 from tests.faults import TcpProxy
-from tests.integration.helpers import body, drain, fresh_settings, purged, reset_queues
+from tests.integration.helpers import (
+    body,
+    drain,
+    fresh_settings,
+    purged,
+    reset_queues,
+    wait_for_connections,
+)
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -86,7 +94,7 @@ async def _cleanup(redis: Any, settings: Settings) -> None:
 
 
 async def test_schedulers_ride_out_a_redis_outage(
-    settings: Settings, channel: AbstractChannel
+    settings: Settings, channel: AbstractChannel, management: Management
 ) -> None:
     test_settings = fresh_settings(settings)
     executions = await purged(channel, topology.EXECUTIONS_QUEUE)
@@ -110,10 +118,11 @@ async def test_schedulers_ride_out_a_redis_outage(
         url = f"redis://127.0.0.1:{proxy.port}/0"
         replicas = [_start(test_settings, url, "scheduler", "--no-ingress") for _ in range(2)]
         try:
-            await asyncio.sleep(2.0)
+            await wait_for_connections(management, test_settings, "orchestrator-scheduler", 2)
             await registry.apply(flows, datetime.now(UTC))
             received.extend(await drain(executions, settle_s=3.0))
             proxy.cut()
+            # the wait is the behaviour under test: Redis stays away this long
             await asyncio.sleep(OUTAGE_S)
             proxy.restore()
             restored_at = datetime.now(UTC)
@@ -146,7 +155,7 @@ async def test_schedulers_ride_out_a_redis_outage(
 
 
 async def test_executions_in_flight_through_a_redis_outage_end_exactly_once(
-    settings: Settings, channel: AbstractChannel
+    settings: Settings, amqp: AbstractRobustConnection, channel: AbstractChannel
 ) -> None:
     test_settings = fresh_settings(settings)
     await reset_queues(channel)
@@ -181,7 +190,7 @@ async def test_executions_in_flight_through_a_redis_outage_end_exactly_once(
             _start(test_settings, url, "worker", "--concurrency", "4"),
         ]
         try:
-            await asyncio.sleep(2.5)
+            await wait_for_pipeline(test_settings, amqp, ("acme",))
             for i, key in enumerate(keys):
                 await publish(
                     channel, FlowStartRequested(tenant="acme", flow_id="chain", idempotency_key=key)
@@ -189,8 +198,10 @@ async def test_executions_in_flight_through_a_redis_outage_end_exactly_once(
                 if i == 15:
                     proxy.cut()
                 if i == 30:
+                    # the wait is the behaviour under test: Redis stays away this long
                     await asyncio.sleep(OUTAGE_S)
                     proxy.restore()
+                # the wait is the behaviour under test: flow starts spread over the outage
                 await asyncio.sleep(0.1)
             deadline = time.monotonic() + 90
             while time.monotonic() < deadline:
@@ -253,13 +264,14 @@ def _readyz(port: int) -> tuple[int, dict[str, Any]]:
 
 
 async def _until_ready_is(port: int, status: int, wait_s: float = 30) -> dict[str, Any]:
-    deadline = time.monotonic() + wait_s
-    while time.monotonic() < deadline:
+    async def answered() -> tuple[dict[str, Any]] | None:
         code, answer = await asyncio.to_thread(_readyz, port)
-        if code == status:
-            return answer
-        await asyncio.sleep(0.3)
-    raise TimeoutError(f"/readyz never answered {status}")
+        return (answer,) if code == status else None
+
+    (answer,) = await wait_until(
+        answered, timeout_s=wait_s, every_s=0.3, what=f"/readyz answering {status}"
+    )
+    return answer
 
 
 async def test_not_ready_during_an_outage_and_exit_69_past_the_limit(
@@ -284,6 +296,7 @@ async def test_not_ready_during_an_outage_and_exit_69_past_the_limit(
             proxy.cut()  # a short outage: not ready, then ready again, still running
             answer = await _until_ready_is(port, 503)
             assert "redis" in answer["failing"]
+            # the wait is the behaviour under test: a short outage (well under the limit)
             await asyncio.sleep(1.0)
             proxy.restore()
             await _until_ready_is(port, 200)
@@ -324,6 +337,8 @@ async def test_a_scheduler_started_during_a_redis_outage_waits_then_takes_flow_s
         proxy.cut()
         scheduler = _start(test_settings, f"redis://127.0.0.1:{proxy.port}/0", "scheduler")
         try:
+            # the wait is the behaviour under test: the scheduler must stay up through 4 s of
+            # an outage that began before it started
             await asyncio.sleep(4.0)
             alive = scheduler.poll() is None
             proxy.restore()

@@ -26,7 +26,7 @@ from orchestrator import store, topology
 from orchestrator.accounts import Management
 from orchestrator.config import Settings
 from orchestrator.store.flows import FlowRegistry
-from orchestrator.testing import spawn, stop_all
+from orchestrator.testing import spawn, stop_all, wait_until
 from schemas import FlowDefinition
 from tests.integration.helpers import (
     body,
@@ -92,7 +92,7 @@ class Supervisor:
             if code is not None:
                 self.exit_codes.append(code)
                 self.current = self._spawn()
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)  # poll interval of the supervisor, which runs throughout
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -156,7 +156,7 @@ async def _ready(
         if all(counts.values()):
             return
         assert loop.time() < deadline, f"not consumed after {WAIT_S}s: {counts}"
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(0.5)  # poll interval: not every queue is consumed yet
 
 
 async def _until_terminal(
@@ -299,11 +299,11 @@ async def test_one_crash_is_not_poison(
         await _ready(management, vhost, processes, workers)
         execution_id = await request_execution(channel, "once")
         # The step has started running in the first worker: kill that worker mid-step.
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + WAIT_S
-        while not (runs.exists() and runs.read_text().strip()):
-            assert loop.time() < deadline, "the step never started"
-            await asyncio.sleep(0.05)
+        await wait_until(
+            lambda: runs.exists() and runs.read_text().strip(),
+            timeout_s=WAIT_S,
+            what="the step started",
+        )
         victim = workers.current
         assert runs.read_text().split()[0] == str(victim.pid)
         victim.send_signal(signal.SIGKILL)
@@ -385,9 +385,11 @@ async def test_a_step_that_shared_a_worker_with_a_poison_step_is_not_blamed(
         innocent = await request_execution(channel, "calm", tenant="beta")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + WAIT_S
-        while not (runs.exists() and runs.read_text().strip()):
-            assert loop.time() < deadline, "beta's step never started"
-            await asyncio.sleep(0.05)
+        await wait_until(
+            lambda: runs.exists() and runs.read_text().strip(),
+            timeout_s=WAIT_S,
+            what="beta's step started",
+        )
         poison = await request_execution(channel, "poison")
         ended: dict[str, list[str]] = {}
         while not {innocent, poison} <= set(ended):

@@ -21,6 +21,7 @@ from orchestrator.amqp import (
     decode,
     publish,
 )
+from orchestrator.testing import wait_until
 from schemas import MESSAGES, ExecutionRequested, StatusEvent
 from tests.factories import sample
 
@@ -29,14 +30,12 @@ pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 async def _get(queue: AbstractQueue, wait_s: float = 10.0) -> AbstractIncomingMessage:
     """The next message of a queue, polling with basic.get (no consumer left behind)."""
-    deadline = asyncio.get_running_loop().time() + wait_s
-    while True:
-        message = await queue.get(no_ack=False, fail=False)
-        if message is not None:
-            return message
-        if asyncio.get_running_loop().time() > deadline:
-            raise TimeoutError(f"nothing arrived in {queue.name} within {wait_s}s")
-        await asyncio.sleep(0.05)
+    message: AbstractIncomingMessage = await wait_until(
+        lambda: queue.get(no_ack=False, fail=False),
+        timeout_s=wait_s,
+        what=f"a message in {queue.name}",
+    )
+    return message
 
 
 async def _drain(channel: AbstractChannel, name: str) -> AbstractQueue:
@@ -176,7 +175,7 @@ async def test_poison_message_is_dead_lettered_by_the_broker(channel: AbstractCh
             dead = await dlq.get(no_ack=False, fail=False)
             if dead is not None:
                 break
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)  # poll interval: neither queue has it yet
             continue
         deliveries += 1
         await incoming.nack(requeue=True)

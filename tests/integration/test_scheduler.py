@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -15,6 +14,7 @@ from orchestrator.config import Settings
 from orchestrator.scheduler.service import Scheduler
 from orchestrator.store.admission import AdmissionStore
 from orchestrator.store.flows import FlowRegistry
+from orchestrator.testing import wait_until
 from schemas import FlowDefinition
 from tests.integration.helpers import body, drain, fresh_settings, purged, status_feed
 
@@ -142,7 +142,13 @@ async def test_crashed_owner_lease_expires(
         assert len(await drain(executions)) == 1
         await rig.at(first.replace(minute=2))
         assert await drain(executions) == []  # still leased
-        await asyncio.sleep(1.3)  # nobody heartbeats the lease: its owner is dead
+        # Nobody heartbeats the lease: its owner is dead, and Redis expires it.
+        flow = store.member("acme", "sync")
+
+        async def expired() -> bool:
+            return await rig.admission.running(flow) is None
+
+        await wait_until(expired, what="the running lease expired")
         await rig.at(first.replace(minute=3))
         assert len(await drain(executions)) == 1
     finally:

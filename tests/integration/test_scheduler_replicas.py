@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import signal
 import subprocess
 import sys
@@ -15,11 +14,12 @@ import pytest
 from aio_pika.abc import AbstractChannel
 
 from orchestrator import store, topology
+from orchestrator.accounts import Management
 from orchestrator.config import Settings
 from orchestrator.store.flows import FlowRegistry
 from orchestrator.testing import process_env
 from schemas import FlowDefinition
-from tests.integration.helpers import body, drain, fresh_settings, purged
+from tests.integration.helpers import body, drain, fresh_settings, purged, wait_for_connections
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -39,7 +39,7 @@ def start_scheduler(settings: Settings) -> subprocess.Popen[bytes]:
 
 
 async def test_every_tick_once_across_replicas_and_a_kill(
-    settings: Settings, channel: AbstractChannel
+    settings: Settings, channel: AbstractChannel, management: Management
 ) -> None:
     test_settings = fresh_settings(settings)
     executions = await purged(channel, topology.EXECUTIONS_QUEUE)
@@ -60,7 +60,8 @@ async def test_every_tick_once_across_replicas_and_a_kill(
     replicas = [start_scheduler(test_settings) for _ in range(REPLICAS)]
     received: list[Any] = []
     try:
-        await asyncio.sleep(2.0)  # let the replicas connect
+        # The replicas connected (to RabbitMQ last: they fire from then on).
+        await wait_for_connections(management, test_settings, "orchestrator-scheduler", REPLICAS)
         applied_at = datetime.now(UTC)
         await registry.apply(flows, applied_at)
         started = time.monotonic()

@@ -5,7 +5,6 @@ required — while each account is refused by the broker what is not its job."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -16,7 +15,7 @@ from typing import Any
 import aio_pika
 import pytest
 import redis.asyncio as aioredis
-from aio_pika.abc import AbstractChannel
+from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 from aiormq.exceptions import ChannelAccessRefused
 from redis import exceptions as redis_exceptions
 
@@ -26,7 +25,7 @@ from orchestrator.accounts_cli import env_file, provision_services, read_env_url
 from orchestrator.amqp import publish, to_amqp
 from orchestrator.config import Settings
 from orchestrator.store.flows import FlowRegistry
-from orchestrator.testing import spawn, stop_all
+from orchestrator.testing import spawn, stop_all, wait_for_consumers
 from schemas import FlowDefinition, FlowStartRequested
 from tests.factories import sample
 from tests.integration.helpers import drain, fresh_settings, reset_queues, status_feed
@@ -142,7 +141,7 @@ async def _redis_refusals(accounts_dir: Path, prefix: str) -> None:
 
 @pytest.mark.timeout(240)
 async def test_each_service_account_does_its_job_and_nothing_else(
-    settings: Settings, channel: AbstractChannel, tmp_path: Path
+    settings: Settings, amqp: AbstractRobustConnection, channel: AbstractChannel, tmp_path: Path
 ) -> None:
     test_settings = fresh_settings(settings, require_auth=True)
     accounts_dir = tmp_path / "accounts"
@@ -184,18 +183,11 @@ async def test_each_service_account_does_its_job_and_nothing_else(
         tenant_channel = await tenant_connection.channel(publisher_confirms=True)
         deadline = time.monotonic() + 60
         keys = [f"svc-{n}" for n in range(3)]
-        started = False
-        while not started and time.monotonic() < deadline:
-            try:  # until the scheduler has declared acme's ingress
-                for key in keys:
-                    request = FlowStartRequested(
-                        tenant="acme", flow_id="chain", idempotency_key=key
-                    )
-                    await publish(tenant_channel, request, user_id=tenant.user)
-                started = True
-            except aio_pika.exceptions.DeliveryError:
-                await asyncio.sleep(0.5)
-        assert started, "acme's ingress never appeared"
+        # Until the scheduler has declared acme's ingress and consumes it.
+        await wait_for_consumers(amqp, topology.ingress_queue_name("acme"), timeout_s=60)
+        for key in keys:
+            request = FlowStartRequested(tenant="acme", flow_id="chain", idempotency_key=key)
+            await publish(tenant_channel, request, user_id=tenant.user)
         succeeded: set[str] = set()
         while len(succeeded) < len(keys) and time.monotonic() < deadline:
             for message in await drain(feed, settle_s=0.3):

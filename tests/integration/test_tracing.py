@@ -4,7 +4,6 @@ trace id the request started (W3C traceparent in the AMQP headers)."""
 
 from __future__ import annotations
 
-import asyncio
 from collections import Counter
 from collections.abc import Iterator
 
@@ -12,9 +11,10 @@ import pytest
 from aio_pika.abc import AbstractChannel
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from orchestrator import tracing
+from orchestrator import topology, tracing
 from orchestrator.client import OrchestratorClient
 from orchestrator.config import Settings
+from orchestrator.testing import wait_for_consumers, wait_until
 from tests.integration.helpers import fresh_settings, reset_queues
 from tests.integration.system import running_system
 
@@ -47,14 +47,36 @@ async def test_one_executions_spans_share_one_trace_id(
     await reset_queues(channel, "acme")
     async with running_system(test_settings) as system:
         await system.apply(CHAIN)
-        await asyncio.sleep(1.5)  # the scheduler consumes acme's ingress
+        await wait_for_consumers(system.connection, topology.ingress_queue_name("acme"))
         async with OrchestratorClient(str(test_settings.rabbitmq_url)) as client:
             with tracing.span("test.request") as _:
                 root = tracing.current_traceparent()
                 execution_id = await client.start_flow("acme", "traced")
             outcome = await client.wait_for(execution_id, timeout=30, tenant="acme")
         assert outcome.type == "io.orchestrator.execution.succeeded"
-        await asyncio.sleep(0.5)  # the last transition's span ends after its publishes
+
+        def ours() -> Counter[str]:
+            trace_id = int(root.split("-")[1], 16)
+            return Counter(
+                s.name
+                for s in spans.get_finished_spans()
+                if s.context is not None and s.context.trace_id == trace_id
+            )
+
+        # The last transition's span ends after its publishes: until every span below ended.
+        expected = {
+            "ingress.acme process": 1,
+            "engine.executions process": 1,
+            "engine.results process": 3,
+            "dispatcher.release": 3,
+            "step demo.echo": 2,
+            "step demo.sleep": 1,
+            "engine.transition": 4,
+        }
+        await wait_until(
+            lambda: all(ours()[name] >= count for name, count in expected.items()),
+            what="every span of the execution ended",
+        )
 
     trace_id = int(root.split("-")[1], 16)
     finished = spans.get_finished_spans()

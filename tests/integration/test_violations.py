@@ -21,7 +21,7 @@ from aiokafka import AIOKafkaProducer
 from orchestrator import store, topology
 from orchestrator.config import Settings
 from orchestrator.store.tenants import TenantStore
-from orchestrator.testing import process_env, spawn, stop_all
+from orchestrator.testing import process_env, spawn, stop_all, wait_for_violations
 from orchestrator.violations.service import ViolationsConsumer
 from tests.factories import cpu_usage
 from tests.integration.helpers import body, drain, fresh_settings, status_feed
@@ -57,6 +57,7 @@ async def next_window_start() -> float:
     """Sleeps until just after a window boundary; returns that window's start."""
     now = time.time()
     start = (now // WINDOW + 1) * WINDOW
+    # the wait is the behaviour under test: what follows happens in a window of its own
     await asyncio.sleep(start - now + 0.05)
     return start
 
@@ -200,12 +201,14 @@ async def test_kill_9_mid_window_still_catches_it_once(
     first = spawn(test_settings, "violations", **env)
     second = None
     try:
-        await asyncio.sleep(8)  # joined the group, tables recovered
+        await wait_for_violations(test_settings)  # joined the group, tables recovered
         # The window is long enough for a restart inside it: 3 s would close during it.
         start = await next_window_start()
         await rig.send("hog", 0.5, 4)
         await rig.send("calm", 0.2, 1)
-        await asyncio.sleep(0.5)  # applied (and partly committed) by the first process
+        # the wait is the behaviour under test: killed once the first process applied (and
+        # partly committed) the events, the moment the restart must survive
+        await asyncio.sleep(0.5)
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=10)
         second = spawn(test_settings, "violations", **env)
@@ -262,7 +265,7 @@ async def test_runs_as_a_plain_faust_worker(
     )
     await rig.producer.start()
     try:
-        await asyncio.sleep(8)  # joined the group, tables recovered
+        await wait_for_violations(test_settings)  # joined the group, tables recovered
         start = await next_window_start()
         await rig.send("hog", 0.5, 6)
         (penalty,) = await rig.commands(wait_s=WINDOW + 4)

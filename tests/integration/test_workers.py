@@ -19,9 +19,16 @@ from orchestrator.config import Settings
 from orchestrator.dispatcher.service import Dispatcher
 from orchestrator.engine.service import Engine
 from orchestrator.store.flows import FlowRegistry
-from orchestrator.testing import process_env, spawn, stop_all
+from orchestrator.testing import process_env, spawn, stop_all, wait_for_pipeline
 from schemas import FlowDefinition, UsageEvent
-from tests.integration.helpers import body, fresh_settings, get_one, request_execution, reset_queues
+from tests.integration.helpers import (
+    body,
+    fresh_settings,
+    get_one,
+    request_execution,
+    reset_queues,
+    status_feed,
+)
 from workers import Worker
 from workers import builtin as _builtin  # noqa: F401 - registers demo.* steps
 from workers.usage import UsageReporter
@@ -122,7 +129,7 @@ async def test_step_completes_while_kafka_is_unreachable(
 
 
 async def test_registry_lists_workers_and_sigterm_drains(
-    settings: Settings, channel: AbstractChannel
+    settings: Settings, amqp: AbstractRobustConnection, channel: AbstractChannel
 ) -> None:
     test_settings = fresh_settings(settings)
     redis = await _setup(
@@ -130,6 +137,7 @@ async def test_registry_lists_workers_and_sigterm_drains(
     )
     feed = await channel.declare_queue(exclusive=True)
     await feed.bind(topology.STATUS, routing_key="acme.w.execution.*")
+    started = await status_feed(channel, "acme.w.step.started")
     engine = spawn(test_settings, "engine")
     dispatcher = spawn(test_settings, "dispatcher")
     worker = subprocess.Popen(
@@ -139,7 +147,7 @@ async def test_registry_lists_workers_and_sigterm_drains(
         stderr=subprocess.PIPE,
     )
     try:
-        await asyncio.sleep(2.5)
+        await wait_for_pipeline(test_settings, amqp)
         listed = subprocess.run(
             [sys.executable, "-m", "orchestrator", "workers", "list"],
             env={**process_env(test_settings), "COLUMNS": "250"},
@@ -151,7 +159,7 @@ async def test_registry_lists_workers_and_sigterm_drains(
         assert "demo.sleep" in listed.stdout
         assert "default" in listed.stdout
         execution_id = await request_execution(channel, "w")
-        await asyncio.sleep(1.0)  # the 2.5 s step is running
+        await get_one(started)  # the 2.5 s step is running
         worker.send_signal(signal.SIGTERM)
         assert await _wait_terminal(feed, execution_id) == {"succeeded"}
         assert worker.wait(timeout=30) == 0

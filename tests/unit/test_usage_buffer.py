@@ -14,6 +14,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 import workers.usage
+from orchestrator.testing import wait_until
 from schemas import UsageEvent
 from tests.factories import cpu_usage
 from workers.usage import UsageReporter
@@ -69,12 +70,7 @@ async def settle() -> None:
 
 
 async def until(condition: Callable[[], bool], timeout_s: float = 2.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not condition():
-        if loop.time() > deadline:
-            raise TimeoutError("condition not met")
-        await asyncio.sleep(0.001)
+    await wait_until(condition, timeout_s=timeout_s, every_s=0.001)
 
 
 @pytest.fixture

@@ -144,6 +144,7 @@ async def test_a_suspect_runs_alone_and_before_later_steps() -> None:
     alone = asyncio.create_task(suspect())
     await asyncio.sleep(0)
     later = asyncio.create_task(step("later"))
+    # the wait is the behaviour under test: nothing else may start meanwhile
     await asyncio.sleep(0.01)
     assert order == ["first+"]  # the suspect waits for the running step; later waits behind it
     release_first.set()
