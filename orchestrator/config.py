@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
+import socket
+import uuid
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -136,3 +139,9 @@ def load_settings(**overrides: object) -> Settings:
             field = str(error["loc"][0]) if error["loc"] else "?"
             problems.append(f"{ENV_PREFIX}{field.upper()}: {error['msg']}")
         raise ConfigError("invalid configuration: " + "; ".join(problems)) from None
+
+
+def instance_id() -> str:
+    """This process among its replicas: `<host>:<pid>:<random>` (leases and claims name their
+    holder so; operators read the pid from it)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"

@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import socket
 import time
-import uuid
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -28,7 +25,7 @@ from aio_pika.abc import (
 from orchestrator import topology
 from orchestrator.amqp import decode, open_channel
 from orchestrator.clock import Clock, SystemClock
-from orchestrator.config import Settings
+from orchestrator.config import Settings, instance_id
 from orchestrator.consumer import Consumer, Settle
 from orchestrator.dispatcher.control import ControlCommands
 from orchestrator.dispatcher.ledger import Ledger
@@ -80,7 +77,7 @@ class Dispatcher:
         self.redis = redis
         self.connection = connection
         self.clock: Clock = clock or SystemClock()
-        self.id = dispatcher_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.id = dispatcher_id or instance_id()
         self.keys = Keys(settings.redis_prefix)
         self.tenants = TenantStore(redis, self.keys)
         self.lease = Lease(redis, self.keys.dispatcher_lease, self.id, LEASE_S, self.clock)

@@ -4,8 +4,6 @@ make every admission step safe to repeat."""
 
 from __future__ import annotations
 
-import os
-import socket
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -15,7 +13,7 @@ from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
 from orchestrator.amqp import open_channel, publish
 from orchestrator.clock import Clock, SystemClock
-from orchestrator.config import Settings
+from orchestrator.config import Settings, instance_id
 from orchestrator.store import Keys, member
 from orchestrator.store.admission import Admission, AdmissionStore, idempotency_digest
 from orchestrator.store.batch import Batcher
@@ -56,7 +54,7 @@ class Admitting:
         self.redis = redis
         self.connection = connection
         self.clock: Clock = clock or SystemClock()
-        self.replica = replica or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.replica = replica or instance_id()
         self.keys = Keys(settings.redis_prefix)
         self.flows = FlowRegistry(redis, self.keys)
         self.admission = AdmissionStore(redis, self.keys, batched=Batcher(redis))

@@ -144,3 +144,19 @@ async def request_execution(channel: AbstractChannel, flow_id: str, tenant: str 
         ),
     )
     return execution_id
+
+
+def terminal_states(events: list[dict[str, Any]]) -> dict[str, list[str]]:
+    """Terminal states per execution, every distinct event counted (a second terminal state
+    shows as two). A copy of the same event (same CloudEvents id) is not a second state: an
+    outbox whose trim Redis did not answer is published again, and subscribers deduplicate
+    on the id (docs/reliability.md)."""
+    ended: dict[str, list[str]] = {}
+    seen: set[str] = set()
+    for event in events:
+        kind = event["type"].removeprefix("io.orchestrator.")
+        terminal = kind in ("execution.succeeded", "execution.failed", "execution.compensated")
+        if terminal and event["id"] not in seen:
+            seen.add(event["id"])
+            ended.setdefault(event["subject"], []).append(kind.split(".")[1])
+    return ended

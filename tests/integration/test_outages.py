@@ -31,6 +31,7 @@ from tests.integration.helpers import (
     fresh_settings,
     purged,
     reset_queues,
+    terminal_states,
     wait_for_connections,
 )
 
@@ -206,7 +207,7 @@ async def test_executions_in_flight_through_a_redis_outage_end_exactly_once(
             deadline = time.monotonic() + 90
             while time.monotonic() < deadline:
                 events.extend(body(m) for m in await drain(feed, settle_s=0.5))
-                if len(_terminals(events)) >= len(keys):
+                if len(terminal_states(events)) >= len(keys):
                     break
             events.extend(body(m) for m in await drain(feed, settle_s=2.0))
             alive = [process.poll() is None for process in processes]
@@ -221,7 +222,7 @@ async def test_executions_in_flight_through_a_redis_outage_end_exactly_once(
         if e["type"] == "io.orchestrator.flow_start.accepted"
     }
     assert len(accepted) == len(keys)
-    terminals = _terminals(events)
+    terminals = terminal_states(events)
     assert set(terminals) == accepted, f"stuck: {accepted - set(terminals)}"
     wrong = {
         execution: states for execution, states in terminals.items() if states != ["succeeded"]
@@ -231,22 +232,6 @@ async def test_executions_in_flight_through_a_redis_outage_end_exactly_once(
         for execution in wrong
     }
     assert wrong == {}, (history, [err[-3000:] for _, err in results])
-
-
-def _terminals(events: list[dict[str, Any]]) -> dict[str, list[str]]:
-    """Terminal states per execution, every distinct event counted (a second terminal state
-    shows as two). A copy of the same event (same CloudEvents id) is not a second state: an
-    outbox whose trim Redis did not answer is published again, and subscribers deduplicate
-    on the id (docs/reliability.md)."""
-    ended: dict[str, list[str]] = {}
-    seen: set[str] = set()
-    for event in events:
-        kind = event["type"].removeprefix("io.orchestrator.")
-        terminal = kind in ("execution.succeeded", "execution.failed", "execution.compensated")
-        if terminal and event["id"] not in seen:
-            seen.add(event["id"])
-            ended.setdefault(event["subject"], []).append(kind.split(".")[1])
-    return ended
 
 
 def _readyz(port: int) -> tuple[int, dict[str, Any]]:
