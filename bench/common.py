@@ -10,7 +10,6 @@ import subprocess
 import sys
 import threading
 import urllib.parse
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager

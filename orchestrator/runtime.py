@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import gc
 import signal
+import sys
 from collections.abc import Awaitable, Callable
 
 import redis.asyncio as aioredis
@@ -35,6 +36,12 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 WATCH_S = 1.0
 PROBE_TIMEOUT_S = 2.0
+
+
+class CannotStart(Exception):
+    """The process cannot start as configured (a port in use, say): said in one line on
+    stderr and in the log, exit code 1, no traceback."""
+
 
 Body = Callable[[aioredis.Redis, AbstractRobustConnection, asyncio.Event], Awaitable[None]]
 
@@ -160,5 +167,10 @@ def serve(
                 await health.cleanup()
             tracing.shutdown()
 
-    asyncio.run(run_until_signalled(main))
+    try:
+        asyncio.run(run_until_signalled(main))
+    except CannotStart as exc:
+        log.error("process.cannot_start", error=str(exc))  # noqa: TRY400 - no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     return code

@@ -11,23 +11,29 @@ each other's queues or keys; Kafka tests use topics with unique names.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import os
 import shutil
 import subprocess
 import urllib.parse
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterator
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import pytest
 import pytest_asyncio
+import redis
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
+from aiokafka.admin import AIOKafkaAdminClient
 
 from orchestrator import topology
 from orchestrator.accounts import Management, ManagementError
 from orchestrator.amqp import connect, open_channel
 from orchestrator.config import Settings
 
+T = TypeVar("T")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 # Every status event built in the tests (and in the processes they start, which inherit the
 # environment) is checked against its published data schema (schemas/status_data.py).
@@ -114,11 +120,13 @@ def vhost(broker_urls: BrokerUrls, management: Management) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def settings(broker_urls: BrokerUrls, vhost: str) -> Settings:
+def settings(broker_urls: BrokerUrls, vhost: str) -> Iterator[Settings]:
+    """The session's settings; at its end the Redis keys under its prefix and the Kafka
+    topics its tests created (`test.*`, `test-*`) are removed (the vhost goes with `vhost`)."""
     base = broker_urls.rabbitmq.rstrip("/")
     if base.count("/") > 2:  # drop a vhost in the given URL: this session has its own
         base = base.rsplit("/", 1)[0]
-    return Settings(
+    session = Settings(
         rabbitmq_url=f"{base}/{vhost}",  # type: ignore[arg-type]
         rabbitmq_management_url=broker_urls.management,
         kafka_bootstrap=broker_urls.kafka,
@@ -129,6 +137,49 @@ def settings(broker_urls: BrokerUrls, vhost: str) -> Settings:
         # Tests publish flow starts unsigned unless they test authentication.
         require_auth=False,
     )
+    before = _in_thread(_topics(session))
+    yield session
+    after = _in_thread(_topics(session))
+    created = sorted(t for t in after - before if t.startswith(("test.", "test-")))
+    _in_thread(_delete_topics(session, created))
+    client = redis.Redis.from_url(str(session.redis_url))
+    try:
+        for key in client.scan_iter(match=f"{session.redis_prefix}*", count=1000):
+            client.unlink(key)
+    except redis.RedisError:
+        pass  # a broker a test left stopped: nothing to clean there
+    finally:
+        client.close()
+
+
+def _in_thread(work: Coroutine[Any, Any, T]) -> T:
+    """Runs `work` on a loop of its own (the session's loop may be mid-teardown)."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, work).result()
+
+
+async def _topics(settings: Settings) -> set[str]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_servers)
+    try:
+        await admin.start()
+        return set(await admin.list_topics())
+    except Exception:  # Kafka away (a chaos test stopped it): nothing listed, nothing removed
+        return set()
+    finally:
+        await admin.close()
+
+
+async def _delete_topics(settings: Settings, topics: list[str]) -> None:
+    if not topics:
+        return
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_servers)
+    try:
+        await admin.start()
+        await admin.delete_topics(topics)
+    except Exception:  # best effort: left over, not wrong
+        pass
+    finally:
+        await admin.close()
 
 
 @pytest_asyncio.fixture(loop_scope="session")

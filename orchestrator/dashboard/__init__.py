@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
@@ -41,6 +42,7 @@ from orchestrator.client import OrchestratorClient, OrchestratorError
 from orchestrator.config import Settings
 from orchestrator.outage import sleep_unless
 from orchestrator.overview import Overview, gather
+from orchestrator.runtime import CannotStart
 from orchestrator.telemetry import get_logger
 
 log = get_logger(__name__)
@@ -246,7 +248,15 @@ async def serve_dashboard(
         lifespan="on",
     )
     server = _Server(config)
-    task = asyncio.create_task(server.serve())
+    try:  # bound here, so a port in use is said plainly (uvicorn would exit the process)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        listening = socket.create_server((host, port), family=family, backlog=2048)
+    except OSError as exc:
+        raise CannotStart(
+            f"the dashboard cannot listen on {host}:{port}: {exc.strerror or exc} "
+            "(choose another port, or 0 for no dashboard where the command offers it)"
+        ) from exc
+    task = asyncio.create_task(server.serve(sockets=[listening]))
     exporter = asyncio.create_task(_export(settings, redis, stop))
     log.info("dashboard.started", url=f"http://{host}:{port}/")
     try:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from prometheus_client import Counter, Gauge, Histogram
+
+from orchestrator.dispatcher.ledger import TenantPolicy
 
 DISPATCHED = Counter("orchestrator_dispatched_total", "Steps dispatched", ["tenant"])
 COST_SERVED = Counter("orchestrator_cost_served_seconds_total", "Measured cost served", ["tenant"])
@@ -24,3 +28,9 @@ LEASE_CHANGES = Counter(
     "Leadership taken (acquired) or given up (released) by this dispatcher",
     ["change"],
 )
+
+
+def show_policies(policies: Mapping[str, TenantPolicy]) -> None:
+    for tenant, policy in policies.items():
+        WEIGHT.labels(tenant).set(policy.weight * policy.factor)
+        QUARANTINED.labels(tenant).set(1 if policy.quarantined else 0)

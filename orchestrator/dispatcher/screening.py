@@ -29,7 +29,6 @@ class Screening:
         redis: aioredis.Redis,
         keys: Keys,
         ledger: Ledger,
-        *,
         pushed: Callable[[], None],
         failed: Callable[[BaseException], None],
     ) -> None:

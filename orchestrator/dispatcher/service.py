@@ -34,8 +34,7 @@ from orchestrator.dispatcher.metrics import (
     IN_FLIGHT,
     LEADING,
     LEASE_CHANGES,
-    QUARANTINED,
-    WEIGHT,
+    show_policies,
 )
 from orchestrator.dispatcher.release import Releaser
 from orchestrator.dispatcher.screening import Screening
@@ -105,17 +104,12 @@ class Dispatcher:
             channel, stop, self.settings.outage_limit_s
         )
         log.info("dispatcher.started", id=self.id)
-        helpers = [
-            asyncio.create_task(
-                self.lease.hold(stop, RENEW_S, LEASE_MARGIN_S, self._wake.set),
-                name="dispatcher-lease",
-            ),
-            asyncio.create_task(self._keep_fresh(stop), name="dispatcher-refresh"),
-            asyncio.create_task(
-                publish_stats(self.redis, self.keys.dispatcher_stats, self._stats, stop),
-                name="dispatcher-stats",
-            ),
-        ]
+        jobs = {  # each on its own task: the dispatch loop never waits for them
+            "lease": self.lease.hold(stop, RENEW_S, LEASE_MARGIN_S, self._wake.set),
+            "refresh": self._keep_fresh(stop),
+            "stats": publish_stats(self.redis, self.keys.dispatcher_stats, self._stats, stop),
+        }
+        helpers = [asyncio.create_task(job, name=f"dispatcher-{n}") for n, job in jobs.items()]
         try:
             while not stop.is_set():
                 if self._failure is not None:
@@ -215,14 +209,8 @@ class Dispatcher:
             with contextlib.suppress(Exception):
                 await channel.close()  # unacked messages go back to their queues
 
-    def _new_screening(self) -> Screening:
-        return Screening(
-            self.redis,
-            self.keys,
-            self.ledger,
-            pushed=self._dispatch_soon,
-            failed=self._trouble,  # Redis is gone: step down, the held steps go back
-        )
+    def _new_screening(self) -> Screening:  # on failure (Redis gone): step down
+        return Screening(self.redis, self.keys, self.ledger, self._dispatch_soon, self._trouble)
 
     # ------------------------------------------------------------------ state
     async def _refresh(self) -> None:
@@ -253,9 +241,7 @@ class Dispatcher:
 
     def _apply(self, policies: dict[str, TenantPolicy], every: bool = False) -> None:
         self.ledger.set_policies(policies, every=every)
-        for tenant, policy in policies.items():
-            WEIGHT.labels(tenant).set(policy.weight * policy.factor)
-            QUARANTINED.labels(tenant).set(1 if policy.quarantined else 0)
+        show_policies(policies)
 
     # ------------------------------------------------------------------ inputs
     async def _on_task(self, task: StepTask, incoming: AbstractIncomingMessage) -> Settle:
@@ -325,7 +311,6 @@ class Dispatcher:
         self._dispatch_soon()
 
     def _stats(self) -> dict[str, Any] | None:
-        if not self.leader:
-            return None
         recent = self.recent.summary(self.clock.monotonic())
-        return {"at": time.time(), "id": self.id, **self.ledger.summary(), "recent": recent}
+        summary = {"at": time.time(), "id": self.id, **self.ledger.summary(), "recent": recent}
+        return summary if self.leader else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import uuid
@@ -122,3 +123,14 @@ def test_violations_check_validates_the_policy_file(settings: Settings, tmp_path
     result = _run(settings, "violations", "--policy", str(bad), "--check")
     assert result.returncode == 2
     assert f"{bad}: plans.std.ladder" in result.stderr
+
+
+def test_dashboard_on_a_port_in_use_says_so_and_exits_1(settings: Settings) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = _run(settings, "dashboard", "--port", str(port))
+    assert result.returncode == 1, result.stderr
+    assert f"the dashboard cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr

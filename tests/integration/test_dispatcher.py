@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 import signal
 import socket
-import urllib.request
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import httpx
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractQueue, AbstractRobustConnection
 from prometheus_client.parser import text_string_to_metric_families
@@ -353,8 +353,7 @@ def _free_port() -> int:
 
 def _scrape(port: int) -> dict[tuple[str, str], float]:
     """Samples of the dispatcher's /metrics by (name, tenant label)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        text = response.read().decode()
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
     return {
         (sample.name, sample.labels.get("tenant", "")): sample.value
         for family in text_string_to_metric_families(text)

@@ -10,11 +10,10 @@ import socket
 import subprocess
 import sys
 import tempfile
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from aio_pika.abc import AbstractChannel
 
@@ -50,12 +49,10 @@ def _port() -> int:
 
 def _get(port: int, path: str) -> tuple[int, str]:
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=3) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read().decode()
-    except OSError:
+        response = httpx.get(f"http://127.0.0.1:{port}{path}", timeout=3)
+    except httpx.HTTPError:  # not listening (yet, or any more)
         return 0, ""
+    return response.status_code, response.text
 
 
 async def _until(port: int, path: str, status: int, wait_s: float = 60, name: str = "") -> str:

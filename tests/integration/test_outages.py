@@ -14,6 +14,7 @@ from collections import Counter
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import httpx
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
@@ -235,17 +236,11 @@ async def test_executions_in_flight_through_a_redis_outage_end_exactly_once(
 
 
 def _readyz(port: int) -> tuple[int, dict[str, Any]]:
-    import json
-    import urllib.error
-    import urllib.request
-
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
-    except OSError:
+        response = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2)
+    except httpx.HTTPError:  # not listening (yet, or any more)
         return 0, {}
+    return response.status_code, response.json()
 
 
 async def _until_ready_is(port: int, status: int, wait_s: float = 30) -> dict[str, Any]:

@@ -23,8 +23,8 @@ def test_bound_context_adds_ids_to_every_line() -> None:
 
 def test_metrics_endpoint_serves_prometheus_text() -> None:
     import socket
-    import urllib.request
 
+    import httpx
     from prometheus_client import CollectorRegistry, Counter
 
     from orchestrator.telemetry import start_metrics_server
@@ -36,9 +36,7 @@ def test_metrics_endpoint_serves_prometheus_text() -> None:
         port = sock.getsockname()[1]
     assert start_metrics_server(0, registry) is None  # 0 disables
     assert start_metrics_server(port, registry) == port
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    assert "probe_total 3.0" in text
+    assert "probe_total 3.0" in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
 
 
 def test_a_flood_of_library_log_lines_is_rate_limited() -> None:
