@@ -245,6 +245,8 @@ class Dispatcher:
 
     # ------------------------------------------------------------------ inputs
     async def _on_task(self, task: StepTask, incoming: AbstractIncomingMessage) -> Settle:
+        if not self.leader:
+            return Settle.HOLD  # a late delivery of the channel stepped down from: it goes back
         if self.ledger.was_released(task.task_id):
             return Settle.ACK  # a copy of a step this process released (the engine's repeat)
         if self._screening.admit(task, incoming):
