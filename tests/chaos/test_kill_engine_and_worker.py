@@ -143,7 +143,19 @@ async def test_killed_engine_under_load_every_execution_ends_once(
         # Counted per execution, every distinct event: a second terminal state shows as two
         # (a copy of the same event, which the killed engine's unfinished flush republishes,
         # is one state: subscribers deduplicate on its id).
-        terminal = terminal_states([body(m) for m in await drain(feed, settle_s=2.0)])
+        # The store says how they ended; their terminal events follow once their outboxes are
+        # flushed: a killed engine's unfinished flush is taken up by a redelivery or by the
+        # other engine's sweep (every 5 s, once the dead one's flush lock lapses).
+        events: list[dict[str, Any]] = []
+
+        async def announced() -> bool:
+            events.extend(body(m) for m in await drain(feed, settle_s=0))
+            return set(terminal_states(events)) >= set(executions)
+
+        await wait_until(announced, timeout_s=60, every_s=0.5, what="every terminal event")
+        # the wait is the behaviour under test: a duplicate terminal event would arrive now
+        events.extend(body(m) for m in await drain(feed, settle_s=2.0))
+        terminal = terminal_states(events)
         assert set(terminal) == set(executions)
         doubled = {e: seen for e, seen in terminal.items() if seen != ["succeeded"]}
         assert doubled == {}, f"{len(doubled)} executions without exactly one terminal event"
