@@ -38,10 +38,12 @@ class Lease:
             if self._lock.local.token is not None:  # taken before: renew it if still ours
                 with contextlib.suppress(LockNotOwnedError):  # it lapsed (another may hold it)
                     held = await self._lock.reacquire()
+                if self._lock.local.token is None:  # `lost` meanwhile: not ours to act on
+                    return False
             if not held:
                 held = await self._lock.acquire(blocking=False, token=self.owner)
-        except BaseException:
-            self._until = 0.0
+        except Exception:
+            self.lost()  # as after any trouble: taken again only once it lapsed
             raise
         # Counted from when we asked: the lease can only have started later than that.
         self._until = asked + self.ttl_s if held else 0.0
@@ -72,8 +74,13 @@ class Lease:
         return self.clock.monotonic() < self._until - margin_s
 
     def lost(self) -> None:
-        """Forget the lease (its renewal could not be asked): no longer acting on it."""
+        """The holder gave up acting on the lease (a broker failed under it). It is not
+        renewed: it is taken again only once it lapsed, as by anybody else, so a holder in
+        trouble does not take straight back what it just let go of (a step-down and a
+        take-over seconds apart, while its old channel is still being closed, left a
+        dispatcher leading and doing nothing)."""
         self._until = 0.0
+        self._lock.local.token = None  # the next `keep` may only acquire, not renew
 
     async def give_up(self) -> None:
         """Releases the lease if it is still ours, so a standby need not wait for it to lapse."""
