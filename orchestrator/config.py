@@ -101,6 +101,9 @@ class Settings(BaseSettings):
     # A process rides out broker outages (consumers hold their messages and retry, loops wait)
     # and exits with code 69 (EX_UNAVAILABLE) only when one lasts longer than this.
     outage_limit_s: Annotated[float, Field(gt=0, le=86_400)] = 120.0
+    # A Redis call with no answer for this long fails (and its connection is dropped): a
+    # connection whose peer vanished without a reset would otherwise wait forever.
+    redis_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 10.0
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["auto", "json", "console"] = "auto"

@@ -1,7 +1,10 @@
 """Fault injection between a process and a broker: a TCP proxy on loopback that can be cut.
 
 Cutting it resets every open connection and turns new ones away at once, which is what a
-process sees when its broker goes down; restoring lets connections through again. Only the
+process sees when its broker goes down; restoring lets connections through again. A
+blackhole is the other kind of network failure: no reset, nothing comes back. The open
+connections stay open forever and carry nothing (a peer that vanished, a dropped NAT mapping,
+a partition TCP has not given up on), and new connections are accepted and go nowhere. Only the
 processes pointed at the proxy notice, so one test can take "Redis" away from the processes
 under test without touching the Redis every other test uses.
 """
@@ -17,6 +20,8 @@ class TcpProxy:
         self.target = (target_host, target_port)
         self.port = 0
         self.open = True
+        self.dark = False  # a blackhole: bytes are swallowed, nothing is closed
+        self._held: set[asyncio.StreamWriter] = set()
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -37,17 +42,31 @@ class TcpProxy:
 
     def cut(self) -> None:
         self.open = False
-        for writer in list(self._writers):
+        for writer in self._writers | self._held:
             with contextlib.suppress(Exception):
                 writer.transport.abort()
         self._writers.clear()
+        self._held.clear()
+
+    def blackhole(self) -> None:
+        """From now on every byte in either direction is dropped; nothing is closed. The
+        connections open now stay dead after `restore` (as after a real partition)."""
+        self.dark = True
+        self._held.update(self._writers)
 
     def restore(self) -> None:
         self.open = True
+        self.dark = False
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if not self.open:
             writer.transport.abort()
+            return
+        if self.dark:
+            self._held.add(writer)  # accepted, and never answered
+            task = asyncio.create_task(self._swallow(reader))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
             return
         try:
             up_reader, up_writer = await asyncio.open_connection(*self.target)
@@ -65,6 +84,8 @@ class TcpProxy:
             while data := await source.read(65536):
                 if not self.open:
                     break
+                if self.dark or sink in self._held:
+                    continue  # swallowed
                 sink.write(data)
                 await sink.drain()
         except (ConnectionError, OSError):
@@ -73,3 +94,8 @@ class TcpProxy:
             with contextlib.suppress(Exception):
                 sink.transport.abort()
             self._writers.discard(sink)
+
+    async def _swallow(self, source: asyncio.StreamReader) -> None:
+        with contextlib.suppress(ConnectionError, OSError):
+            while await source.read(65536):
+                pass

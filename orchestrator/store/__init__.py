@@ -33,6 +33,8 @@ def connect(settings: Settings) -> aioredis.Redis:
         health_check_interval=30,
         max_connections=MAX_CONNECTIONS,
         timeout=POOL_TIMEOUT_S,
+        socket_timeout=settings.redis_timeout_s,
+        socket_connect_timeout=settings.redis_timeout_s,
     )
     return aioredis.Redis(connection_pool=pool)
 

@@ -41,8 +41,10 @@ pytestmark = pytest.mark.asyncio(loop_scope="session")
 OUTAGE_S = 6.0
 
 
-def _start(settings: Settings, redis_url: str, *args: str) -> subprocess.Popen[bytes]:
-    return _logged([*args], process_env(settings, ORCH_REDIS_URL=redis_url))
+def _start(
+    settings: Settings, redis_url: str, *args: str, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    return _logged([*args], process_env(settings, ORCH_REDIS_URL=redis_url, **(env or {})))
 
 
 LOGS: dict[int, Any] = {}
@@ -156,9 +158,13 @@ async def test_schedulers_ride_out_a_redis_outage(
     assert missing == [], f"{len(missing)} ticks never fired after the outage: {missing[:5]}"
 
 
+@pytest.mark.parametrize("fault", ["cut", "blackhole"])
 async def test_executions_in_flight_through_a_redis_outage_end_exactly_once(
-    settings: Settings, amqp: AbstractRobustConnection, channel: AbstractChannel
+    settings: Settings, amqp: AbstractRobustConnection, channel: AbstractChannel, fault: str
 ) -> None:
+    """`cut`: Redis goes down (connections reset). `blackhole`: Redis vanishes without a reset,
+    so the calls in flight get no answer, ever; the processes must give up on those
+    connections (their Redis timeout) and carry on with new ones."""
     test_settings = fresh_settings(settings)
     await reset_queues(channel)
     await topology.declare_ingress_queue(channel, "acme")
@@ -185,11 +191,12 @@ async def test_executions_in_flight_through_a_redis_outage_end_exactly_once(
     events: list[dict[str, Any]] = []
     async with TcpProxy(host, test_settings.redis_url.port or 6379) as proxy:
         url = f"redis://127.0.0.1:{proxy.port}/0"
+        timeout = {"ORCH_REDIS_TIMEOUT_S": "2"}
         processes = [
-            _start(test_settings, url, "scheduler"),
-            _start(test_settings, url, "engine"),
-            _start(test_settings, url, "dispatcher"),
-            _start(test_settings, url, "worker", "--concurrency", "4"),
+            _start(test_settings, url, "scheduler", env=timeout),
+            _start(test_settings, url, "engine", env=timeout),
+            _start(test_settings, url, "dispatcher", env=timeout),
+            _start(test_settings, url, "worker", "--concurrency", "4", env=timeout),
         ]
         try:
             await wait_for_pipeline(test_settings, amqp, ("acme",))
@@ -198,7 +205,7 @@ async def test_executions_in_flight_through_a_redis_outage_end_exactly_once(
                     channel, FlowStartRequested(tenant="acme", flow_id="chain", idempotency_key=key)
                 )
                 if i == 15:
-                    proxy.cut()
+                    proxy.cut() if fault == "cut" else proxy.blackhole()
                 if i == 30:
                     # the wait is the behaviour under test: Redis stays away this long
                     await asyncio.sleep(OUTAGE_S)
