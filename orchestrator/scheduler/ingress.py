@@ -129,14 +129,18 @@ class Ingress:
         tenant = request.tenant
         self._authorize(request, incoming, queue_tenant or tenant)
         with bound_context(tenant=tenant, flow=request.flow_id):
-            if not await self.rate.take(self.ctx.admission, tenant, to_ms(self.ctx.clock.now())):
+            # Independent reads, one round trip: the tenant's token and the flow's definition.
+            allowed, definition = await asyncio.gather(
+                self.rate.take(self.ctx.admission, tenant, to_ms(self.ctx.clock.now())),
+                self.ctx.flows.get(tenant, request.flow_id),
+            )
+            if not allowed:
                 detail = (
                     f"more than {self.rate.burst} flow starts at once or "
                     f"{self.rate.per_s:g}/s for tenant {tenant!r}"
                 )
                 await self._refuse(incoming, "rate_limited", detail, None, tenant=tenant)
                 return
-            definition = await self.ctx.flows.get(tenant, request.flow_id)
             if definition is None:
                 detail = f"tenant {tenant!r} has no flow {request.flow_id!r}"
                 FLOW_STARTS.labels("unknown_flow").inc()
@@ -200,13 +204,18 @@ class Ingress:
             detail = f"admission refused the request: {decision.value}"
             await self._refuse(incoming, decision.value, detail, definition)
             return
-        if decision is Admission.RUN:
-            await publish(await self.ctx.channel(), execution)
-        else:
+        if decision is Admission.BUFFERED:
             data["buffered"] = True
-        await self.ctx.status(
+        accepted = self.ctx.status(
             "flow_start", "accepted", definition, fire_id, data, subject=execution_id
         )
+        if decision is Admission.RUN:
+            # Both out together, one wait for their confirms: if either fails, the request is
+            # handled again (same ids: the admission and the event repeat, as copies).
+            await asyncio.gather(publish(await self.ctx.channel(), execution), accepted)
+        else:
+            await accepted
+        # Only once both are confirmed: a finished key answers "duplicate" from then on.
         await self.ctx.admission.finish_request(flow, request.idempotency_key, execution_id)
 
     async def _claim_request(
