@@ -256,8 +256,16 @@ def _channel_closed(incoming: AbstractIncomingMessage) -> bool:
 
 async def ack(incoming: AbstractIncomingMessage) -> None:
     """Acks; a channel that closed meanwhile has given the message back (it is redelivered
-    and, its effects being idempotent, handled again harmlessly)."""
+    and, its effects being idempotent, handled again harmlessly).
+
+    Without waiting for the frame to be written (`wait=False`): the wait makes aiormq drain
+    the socket for this one frame, a system call per ack, where the coalescing writer would
+    send it with the publishes and acks around it. The broker answers no ack, so there is
+    nothing more to wait for either way: an ack lost with this process brings a copy back."""
     try:
-        await incoming.ack()
+        if incoming.delivery_tag is None:  # a basic.get without a tag: aio-pika's own path
+            await incoming.ack()
+        else:
+            await incoming.channel.basic_ack(incoming.delivery_tag, wait=False)
     except Exception as exc:  # see above
         log.warning("consumer.ack_failed", error=repr(exc))
