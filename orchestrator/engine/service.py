@@ -305,7 +305,7 @@ class Engine:
         the newer state if another replica changed it meanwhile), then flushes its outbox.
         Dispatches that their step type's open breaker refuses are deferred (`step.waiting`)
         and the rest committed. False when `build` found nothing to change."""
-        raw = None if new else await self.store.read(execution_id)
+        raw, remembered = (None, False) if new else await self.store.current(execution_id)
         current = None if raw is None else await self.store.parse(raw)
         # In the delivery's span (which continues the trace of its sender); a transition that
         # no message starts (a timer) continues the execution's own trace.
@@ -316,7 +316,7 @@ class Engine:
             attributes={"orchestrator.execution": execution_id},
         ):
             return await self._commit_and_flush(
-                execution_id, raw, current, build, now=now, attempt=attempt
+                execution_id, raw, current, build, now=now, attempt=attempt, remembered=remembered
             )
 
     async def _commit_and_flush(
@@ -328,11 +328,19 @@ class Engine:
         *,
         now: datetime,
         attempt: Callable[[Execution], Attempt | None] | None,
+        remembered: bool = False,
     ) -> bool:
         while True:
             transition = build(current)
             if transition is None:
-                return False
+                if not remembered:
+                    return False
+                # Nothing to change, judged on a remembered state: only the stored one may
+                # say so (another replica may have moved the execution on meanwhile).
+                remembered = False
+                raw = await self.store.read(execution_id)
+                current = None if raw is None else await self.store.parse(raw)
+                continue
             outcome = attempt(transition.x) if attempt is not None else None
             while True:
                 actions = [t for t in transition.effects.tasks if t.kind == "action"]

@@ -20,6 +20,7 @@ import asyncio
 import hashlib
 import json
 import uuid
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -205,6 +206,11 @@ BREAKER_MEMORY_MS = 600_000
 # A finished execution's record starts so, then the digest of its definition (`_compact`).
 _COMPACT = '{"definition_ref":"'
 DEFINITION_CACHE = 256
+# States this engine committed last, by execution: the next transition of an execution (its
+# step's result, a timer) usually comes back to the engine that dispatched it, and starts
+# from what that engine wrote without reading it again. The commit's compare-and-set checks
+# it: a state another replica changed meanwhile is a conflict, answered with the newer one.
+KNOWN_STATES = 4096
 
 _SEP = "\x1f"
 _BODY = "\x1e"
@@ -319,6 +325,7 @@ class ExecutionStore:
         # The calls every transition makes, batched across the handlers running at once.
         self.batched = Batcher(redis)
         self._definitions: dict[str, str] = {}  # digest -> definition JSON, bounded
+        self._known: OrderedDict[str, str] = OrderedDict()  # execution -> state, bounded
 
     async def load(self, execution_id: str) -> Execution | None:
         raw = await self.read(execution_id)
@@ -328,6 +335,25 @@ class ExecutionStore:
         """The state as stored (what a commit's compare-and-set compares against)."""
         raw = await self.batched.call("GET", self.keys.execution(execution_id))
         return None if raw is None else _text(raw)
+
+    async def current(self, execution_id: str) -> tuple[str | None, bool]:
+        """The state a transition starts from, and whether it is only remembered: the one
+        this engine committed last if it knows it, else as stored. A remembered state may be
+        stale: a commit from it is checked (its compare-and-set), a decision to change
+        nothing is not, so the caller asks the stored state before it settles for nothing.
+        Only for transitions: an answer to a query reads what is stored."""
+        known = self._known.get(execution_id)
+        if known is not None:
+            return known, True
+        return await self.read(execution_id), False
+
+    def _know(self, execution_id: str, state: str | None) -> None:
+        self._known.pop(execution_id, None)
+        if state is None:
+            return
+        if len(self._known) >= KNOWN_STATES:
+            self._known.popitem(last=False)
+        self._known[execution_id] = state
 
     async def parse(self, raw: str) -> Execution:
         """A stored state: a running execution carries its definition; a finished one refers
@@ -435,16 +461,23 @@ class ExecutionStore:
             len(effects.cancel_timers),
             *(f"{eid}|{key}" for key in effects.cancel_timers),
         ]
-        reply = await self.batched.script(_COMMIT, keys, args)
+        try:
+            reply = await self.batched.script(_COMMIT, keys, args)
+        except BaseException:
+            self._know(eid, None)  # committed or not: only Redis knows now
+            raise
         outcome = _text(reply[0])
         if outcome == "conflict":
-            current = reply[1]
-            return Commit(conflict=True, current=None if current is None else _text(current))
+            current = None if reply[1] is None else _text(reply[1])
+            self._know(eid, None)
+            return Commit(conflict=True, current=current)
         if outcome == "refused":
             pairs = reply[1:]
             return Commit(
                 refused={int(pairs[i]) - 1: int(pairs[i + 1]) for i in range(0, len(pairs), 2)}
             )
+        # A finished execution is not expected back: it leaves room for running ones.
+        self._know(eid, None if execution.terminal else state)
         if int(reply[1]):
             return Commit(claimed=[_text(raw) for raw in reply[2:]], token=token)
         return Commit()
