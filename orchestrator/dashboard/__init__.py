@@ -58,6 +58,10 @@ EXPORT_S = 15.0
 STATIC = Path(__file__).parent / "static"
 INTERVAL_S = 1.0
 REASONS_PEEK = 200  # letters read per DLQ to count reasons
+# A DLQ's reasons are read again only when its depth changed or they are this old: reading
+# them takes up to REASONS_PEEK letters off the queue and gives them back, and every open
+# page asks every 10 s.
+REASONS_FRESH_S = 30.0
 ENGINE_TIMEOUT_S = 5.0  # a page waits no longer for an answer about executions
 
 
@@ -70,6 +74,8 @@ class Dashboard:
         self.connection = connection
         self._latest: tuple[float, Overview] | None = None
         self._gathering = asyncio.Lock()
+        self._reasons: dict[str, tuple[float, int, dict[str, int]]] = {}  # at, depth, counts
+        self._peeking = asyncio.Lock()
         self.client = OrchestratorClient(
             str(settings.rabbitmq_url),
             account_prefix=settings.account_prefix,
@@ -132,13 +138,26 @@ class Dashboard:
     async def dlqs(self, _: Request) -> JSONResponse:
         overview = await self.current()
         queues = []
-        for name, depth in overview.dlqs.items():
-            reasons: Counter[str] = Counter()
-            if depth:
-                letters = await dlq.peek(self.connection, name, REASONS_PEEK, {})
-                reasons.update(letter.reason for letter in letters)
-            queues.append({"queue": name, "depth": depth, "reasons": dict(reasons)})
+        async with self._peeking:  # one reader at a time: a peek hides what it holds
+            for name, depth in overview.dlqs.items():
+                queues.append(
+                    {"queue": name, "depth": depth, "reasons": await self._reasons_of(name, depth)}
+                )
         return JSONResponse({"queues": queues})
+
+    async def _reasons_of(self, name: str, depth: int) -> dict[str, int]:
+        """The reasons of the first REASONS_PEEK letters, counted; read again when the depth
+        changed or REASONS_FRESH_S passed."""
+        now = time.monotonic()
+        known = self._reasons.get(name)
+        if known is not None and known[1] == depth and now - known[0] < REASONS_FRESH_S:
+            return known[2]
+        reasons: Counter[str] = Counter()
+        if depth:
+            letters = await dlq.peek(self.connection, name, REASONS_PEEK, {})
+            reasons.update(letter.reason for letter in letters)
+        self._reasons[name] = (now, depth, dict(reasons))
+        return dict(reasons)
 
     async def replay(self, request: Request) -> JSONResponse:
         queue = request.path_params["queue"]
@@ -161,6 +180,7 @@ class Dashboard:
             )
         except dlq.DlqError as exc:
             return JSONResponse({"error": str(exc)}, status_code=400)
+        self._reasons.pop(queue, None)  # what is left there is read again
         log.info("dashboard.replay", queue=queue, **summary.as_dict())
         answer = summary.as_dict()
         return JSONResponse({**answer, "kept": answer["skipped"] + answer["failed"]})
