@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 
 MAX_BATCH = 500
 
@@ -94,10 +94,29 @@ class Batcher:
                 call.future.set_result(result)
 
     async def _pipeline(self, commands: list[tuple[Any, ...]]) -> list[Any]:
-        async with self.redis.pipeline(transaction=False) as pipe:
+        """The commands written at once on one pooled connection, their replies read in
+        order: what redis-py's pipeline sends, without its per-call machinery (a third of a
+        one-command round trip's CPU). An error reply is that command's result; a failure
+        of the connection drops it (half read, it cannot go back to the pool) and fails all."""
+        pool = self.redis.connection_pool
+        connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
+            await connection.send_packed_command(connection.pack_commands(commands))
+            results: list[Any] = []
             for command in commands:
-                pipe.execute_command(*command)
-            return list(await pipe.execute(raise_on_error=False))
+                try:
+                    reply = await connection.read_response()
+                except ResponseError as exc:
+                    results.append(exc)
+                    continue
+                callback = self.redis.response_callbacks.get(str(command[0]).upper())
+                results.append(callback(reply) if callback is not None else reply)
+        except BaseException:
+            await connection.disconnect()
+            raise
+        finally:
+            await pool.release(connection)
+        return results
 
 
 def _sha(source: str) -> str:
