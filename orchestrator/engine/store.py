@@ -211,6 +211,8 @@ DEFINITION_CACHE = 256
 # from what that engine wrote without reading it again. The commit's compare-and-set checks
 # it: a state another replica changed meanwhile is a conflict, answered with the newer one.
 KNOWN_STATES = 4096
+KNOWN_STATES_BYTES = 64 * 1024 * 1024  # and at most this much of them (outputs can be big)
+KNOWN_STATE_MAX = 256 * 1024  # a bigger state is read again each time
 
 _SEP = "\x1f"
 _BODY = "\x1e"
@@ -326,6 +328,7 @@ class ExecutionStore:
         self.batched = Batcher(redis)
         self._definitions: dict[str, str] = {}  # digest -> definition JSON, bounded
         self._known: OrderedDict[str, str] = OrderedDict()  # execution -> state, bounded
+        self._known_bytes = 0
 
     async def load(self, execution_id: str) -> Execution | None:
         raw = await self.read(execution_id)
@@ -348,12 +351,19 @@ class ExecutionStore:
         return await self.read(execution_id), False
 
     def _know(self, execution_id: str, state: str | None) -> None:
-        self._known.pop(execution_id, None)
-        if state is None:
+        """Remembers `state` as the execution's latest (None: forgets it), oldest out first
+        beyond KNOWN_STATES states or KNOWN_STATES_BYTES characters."""
+        forgotten = self._known.pop(execution_id, None)
+        if forgotten is not None:
+            self._known_bytes -= len(forgotten)
+        if state is None or len(state) > KNOWN_STATE_MAX:
             return
-        if len(self._known) >= KNOWN_STATES:
-            self._known.popitem(last=False)
+        while self._known and (
+            len(self._known) >= KNOWN_STATES or self._known_bytes + len(state) > KNOWN_STATES_BYTES
+        ):
+            self._known_bytes -= len(self._known.popitem(last=False)[1])
         self._known[execution_id] = state
+        self._known_bytes += len(state)
 
     async def parse(self, raw: str) -> Execution:
         """A stored state: a running execution carries its definition; a finished one refers
