@@ -19,6 +19,7 @@ from schemas import FlowDefinition
 from tests.integration.helpers import (
     body,
     drain,
+    forget_redis,
     fresh_settings,
     get_one,
     request_execution,
@@ -37,12 +38,6 @@ async def _prepare(settings: Settings, channel: AbstractChannel, flow: dict[str,
         [definition], datetime.now(UTC)
     )
     return redis
-
-
-async def _cleanup(redis: Any, settings: Settings) -> None:
-    async for key in redis.scan_iter(match=f"{settings.redis_prefix}*"):
-        await redis.delete(key)
-    await redis.aclose()
 
 
 async def test_killed_worker_step_is_redelivered_and_execution_succeeds(
@@ -88,7 +83,7 @@ async def test_killed_worker_step_is_redelivered_and_execution_succeeds(
         assert execution_id == events[-1]["subject"]
     finally:
         stop_all(processes)
-        await _cleanup(redis, test_settings)
+        await forget_redis(redis, test_settings)
 
 
 async def test_killed_engine_under_load_every_execution_ends_once(
@@ -161,4 +156,4 @@ async def test_killed_engine_under_load_every_execution_ends_once(
         assert doubled == {}, f"{len(doubled)} executions without exactly one terminal event"
     finally:
         stop_all(engines + workers)
-        await _cleanup(redis, test_settings)
+        await forget_redis(redis, test_settings)

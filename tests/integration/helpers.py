@@ -6,6 +6,7 @@ import asyncio
 import json
 import urllib.parse
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
@@ -160,3 +161,32 @@ def terminal_states(events: list[dict[str, Any]]) -> dict[str, list[str]]:
             seen.add(event["id"])
             ended.setdefault(event["subject"], []).append(kind.split(".")[1])
     return ended
+
+
+# Two echo steps, b after a: the smallest flow with a step that depends on another's result.
+ECHO_CHAIN: dict[str, Any] = {
+    "tenant": "acme",
+    "id": "chain",
+    "overlap": "allow",
+    "steps": [
+        {"id": "a", "type": "demo.echo"},
+        {"id": "b", "type": "demo.echo", "depends_on": ["a"]},
+    ],
+}
+
+
+async def register_flows(redis: Any, settings: Settings, *docs: dict[str, Any]) -> None:
+    """Validates flow documents and stores them, as `orchestrator flows apply` would."""
+    from orchestrator import store
+    from orchestrator.store.flows import FlowRegistry
+    from schemas import FlowDefinition
+
+    flows = [FlowDefinition.model_validate(doc) for doc in docs]
+    await FlowRegistry(redis, store.Keys(settings.redis_prefix)).apply(flows, datetime.now(UTC))
+
+
+async def forget_redis(redis: Any, settings: Settings) -> None:
+    """Deletes every key of the test's prefix and closes the client."""
+    async for key in redis.scan_iter(match=f"{settings.redis_prefix}*"):
+        await redis.delete(key)
+    await redis.aclose()

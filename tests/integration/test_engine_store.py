@@ -8,16 +8,20 @@ from datetime import UTC, datetime
 
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
-from redis.asyncio import Redis
 
 from orchestrator import store
 from orchestrator.config import Settings
 from orchestrator.engine.machine import Execution, Transition, new_execution
 from orchestrator.engine.service import Engine
 from orchestrator.engine.store import Commit, ExecutionStore
-from orchestrator.store.flows import FlowRegistry
 from schemas import ExecutionRequested, FlowDefinition, StepResult
-from tests.integration.helpers import fresh_settings, reset_queues
+from tests.integration.helpers import (
+    ECHO_CHAIN,
+    forget_redis,
+    fresh_settings,
+    register_flows,
+    reset_queues,
+)
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -123,20 +127,7 @@ async def test_a_result_is_applied_by_an_engine_whose_remembered_state_is_stale(
     test_settings = fresh_settings(settings)
     await reset_queues(channel)
     redis = store.connect(test_settings)
-    chain = FlowDefinition.model_validate(
-        {
-            "tenant": "acme",
-            "id": "chain",
-            "overlap": "allow",
-            "steps": [
-                {"id": "a", "type": "demo.echo"},
-                {"id": "b", "type": "demo.echo", "depends_on": ["a"]},
-            ],
-        }
-    )
-    await FlowRegistry(redis, store.Keys(test_settings.redis_prefix)).apply(
-        [chain], datetime.now(UTC)
-    )
+    await register_flows(redis, test_settings, ECHO_CHAIN)
     first, second = Engine(test_settings, redis, amqp), Engine(test_settings, redis, amqp)
     execution_id = str(uuid.uuid4())
     try:
@@ -170,10 +161,4 @@ async def test_a_result_is_applied_by_an_engine_whose_remembered_state_is_stale(
         assert execution is not None
         assert execution.status == "succeeded", {s: v.status for s, v in execution.steps.items()}
     finally:
-        await _cleanup(redis, test_settings)
-
-
-async def _cleanup(redis: Redis, test_settings: Settings) -> None:
-    async for key in redis.scan_iter(match=f"{test_settings.redis_prefix}*"):
-        await redis.delete(key)
-    await redis.aclose()
+        await forget_redis(redis, test_settings)

@@ -29,6 +29,7 @@ from tests.faults import TcpProxy
 from tests.integration.helpers import (
     body,
     drain,
+    forget_redis,
     fresh_settings,
     purged,
     reset_queues,
@@ -91,12 +92,6 @@ def _stop(processes: list[subprocess.Popen[bytes]]) -> list[tuple[int, str]]:
     return results
 
 
-async def _cleanup(redis: Any, settings: Settings) -> None:
-    async for key in redis.scan_iter(match=f"{settings.redis_prefix}*"):
-        await redis.delete(key)
-    await redis.aclose()
-
-
 async def test_schedulers_ride_out_a_redis_outage(
     settings: Settings, channel: AbstractChannel, management: Management
 ) -> None:
@@ -148,7 +143,7 @@ async def test_schedulers_ride_out_a_redis_outage(
             alive = [replica.poll() is None for replica in replicas]
         finally:
             results = _stop(replicas)
-            await _cleanup(redis, test_settings)
+            await forget_redis(redis, test_settings)
     received.extend(await drain(executions, settle_s=0.5))
 
     assert alive == [True, True], results
@@ -221,7 +216,7 @@ async def test_executions_in_flight_through_a_redis_outage_end_exactly_once(
             alive = [process.poll() is None for process in processes]
         finally:
             results = _stop(processes)
-            await _cleanup(redis, test_settings)
+            await forget_redis(redis, test_settings)
 
     assert alive == [True] * 4, results
     accepted = {
@@ -337,6 +332,6 @@ async def test_a_scheduler_started_during_a_redis_outage_waits_then_takes_flow_s
                 accepted = await drain(feed, settle_s=0.5)
         finally:
             results = _stop([scheduler])
-            await _cleanup(redis, test_settings)
+            await forget_redis(redis, test_settings)
     assert alive, results
     assert [body(m)["data"]["idempotency_key"] for m in accepted] == ["k1"], results

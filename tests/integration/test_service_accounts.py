@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +23,17 @@ from orchestrator.accounts import Management, Provisioner, Role, vhost_of
 from orchestrator.accounts_cli import env_file, provision_services, read_env_url, service_env
 from orchestrator.amqp import publish, to_amqp
 from orchestrator.config import Settings
-from orchestrator.store.flows import FlowRegistry
 from orchestrator.testing import spawn, stop_all, wait_for_consumers
-from schemas import FlowDefinition, FlowStartRequested
+from schemas import FlowStartRequested
 from tests.factories import sample
-from tests.integration.helpers import drain, fresh_settings, reset_queues, status_feed
+from tests.integration.helpers import (
+    ECHO_CHAIN,
+    drain,
+    fresh_settings,
+    register_flows,
+    reset_queues,
+    status_feed,
+)
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -161,20 +166,7 @@ async def test_each_service_account_does_its_job_and_nothing_else(
     tenant = provisioner.tenant("acme")
     await reset_queues(channel)
     redis = store.connect(test_settings)
-    flow = FlowDefinition.model_validate(
-        {
-            "tenant": "acme",
-            "id": "chain",
-            "overlap": "allow",
-            "steps": [
-                {"id": "a", "type": "demo.echo"},
-                {"id": "b", "type": "demo.echo", "depends_on": ["a"]},
-            ],
-        }
-    )
-    await FlowRegistry(redis, store.Keys(test_settings.redis_prefix)).apply(
-        [flow], datetime.now(UTC)
-    )
+    await register_flows(redis, test_settings, ECHO_CHAIN)
     feed = await status_feed(channel, "acme.chain.execution.*")
     roles: list[Role] = ["scheduler", "engine", "dispatcher", "worker"]
     processes = [spawn(test_settings, role, **service_env(accounts_dir, role)) for role in roles]
