@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
-from orchestrator import store
+from orchestrator import store, topology
 from orchestrator.amqp import publish
 from orchestrator.config import Settings
 from orchestrator.store.flows import FlowRegistry
@@ -98,6 +98,7 @@ async def test_a_burst_during_or_right_after_a_kafka_outage_is_judged_for_its_wi
         await reset_queues(channel, tenant)
     feed = await status_feed(channel, "*.*.tenant.*")
     done = await status_feed(channel, "*.work.execution.succeeded")
+    await done.bind(topology.STATUS, routing_key="*.work.step.dispatched")
     redis = store.connect(test_settings)
     processes = [spawn(test_settings, "violations", **env)]
 
@@ -108,12 +109,17 @@ async def test_a_burst_during_or_right_after_a_kafka_outage_is_judged_for_its_wi
             )
             await publish(channel, request)
 
-    finished: dict[str, list[float]] = {}  # tenant -> when its executions succeeded
+    # execution -> (tenant, when its step was dispatched, when it succeeded), by the events' own
+    # times: the step finished in between (the test receives the events later than that)
+    spans: dict[str, dict[str, Any]] = {}
 
     async def watch_done() -> None:
         while True:
             for message in await drain(done, settle_s=0.2):
-                finished.setdefault(body(message)["tenant"], []).append(time.time())
+                event = body(message)
+                at = datetime.fromisoformat(event["time"]).timestamp()
+                span = spans.setdefault(event["subject"], {"tenant": event["tenant"]})
+                span["succeeded" if event["type"].endswith("succeeded") else "dispatched"] = at
 
     events: list[dict[str, Any]] = []
     watcher = asyncio.create_task(watch_done())
@@ -176,9 +182,18 @@ async def test_a_burst_during_or_right_after_a_kafka_outage_is_judged_for_its_wi
 
     for tenant in ("during", "after"):
         assert tenant in by_tenant, f"{tenant} was never judged: {events}"
-        assert finished.get(tenant), f"{tenant}'s burst never ran"
-        # Judged for the window its steps finished in, not for when the records arrived.
-        windows = {int(at) // WINDOW * WINDOW for at in finished[tenant]}
+        ran = [s for s in spans.values() if s["tenant"] == tenant and "succeeded" in s]
+        assert ran, f"{tenant}'s burst never ran"
+        # Judged for a window its steps finished in, not for when the records arrived.
+        windows = {
+            start
+            for span in ran
+            for start in range(
+                int(span.get("dispatched", span["succeeded"])) // WINDOW * WINDOW,
+                int(span["succeeded"]) + 1,
+                WINDOW,
+            )
+        }
         starts = [
             int(datetime.fromisoformat(e["data"]["window_start"]).timestamp())
             for e in by_tenant[tenant]
